@@ -1,0 +1,326 @@
+"""The guardrail: clamp selected SAE latents on gated sequences, at the SAE's hook point.
+
+For each sequence in a batch:
+  a_S   = activations of the gate latents S (and of the clamp latents C, usually C = S)
+  fire  = content tokens where any gate latent is > 0
+  rho   = fraction of gate-counted tokens that fire           (see dsg_tl.gate)
+  gated = rho > tau   (mode "dynamic")   |   True   (mode "static": the Farrell et al. baseline)
+  at clamp positions (``active``: where ``fire``; ``all``: every content token) of gated sequences, set every clamp
+  latent to -c, decode, and add back the SAE error term; ungated sequences pass through unchanged (h' = h exactly).
+
+Two equivalent implementations:
+  reference  a = SAE.encode(h); err = h - SAE.decode(a); h' = SAE.decode(a') + err      (cost ~ SAE width)
+  fast       h' = h + sum over clamped (t, j) of (a'_j - a_j) W_dec[j], with a_j computed only for the selected
+             latents through the SAE's activation (JumpReLU threshold included)       (cost ~ number of latents)
+The fast path is exact for Standard (ReLU) and JumpReLU SAEs without activation normalisation. For TopK SAEs
+whether a latent fires depends on all others, so the guardrail falls back to the reference path there.
+
+Intermediates are TransformerLens hook points under ``<block>.dsg`` (e.g. ``blocks.1.dsg.hook_rho``): hook_latents,
+hook_fire, hook_rho, hook_gate, hook_clamped. ``run_with_cache`` returns them next to the model's activations.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookedRootModule, HookPoint
+
+from dsg_tl.batching import TokenBatch
+from dsg_tl.gate import rho as rho_fn
+
+Mode = Literal["dynamic", "static"]
+ClampPositions = Literal["active", "all"]
+Path_ = Literal["fast", "reference"]
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LatentSlice:
+    """The parameters of an SAE restricted to some latents: enough to encode them and decode their change."""
+
+    latents: Int[Tensor, " k"]
+    W_enc: Float[Tensor, "d_model k"]
+    b_enc: Float[Tensor, " k"]
+    W_dec: Float[Tensor, "k d_model"]
+    b_dec: Float[Tensor, " d_model"]
+    threshold: Float[Tensor, " k"] | None  # JumpReLU only
+    apply_b_dec_to_input: bool
+
+    @classmethod
+    def from_sae(cls, sae, latents: Tensor) -> LatentSlice:
+        arch = sae.cfg.architecture()
+        if arch not in ("standard", "jumprelu"):
+            raise ValueError(f"no fast path for {arch!r} SAEs")
+        if getattr(sae.cfg, "normalize_activations", "none") not in ("none", None):
+            raise ValueError("no fast path for SAEs with activation normalisation")
+        latents = latents.to(sae.W_enc.device)
+        return cls(
+            latents=latents.clone(),
+            W_enc=sae.W_enc[:, latents].detach().clone(),
+            b_enc=sae.b_enc[latents].detach().clone(),
+            W_dec=sae.W_dec[latents].detach().clone(),
+            b_dec=sae.b_dec.detach().clone(),
+            threshold=sae.threshold[latents].detach().clone() if arch == "jumprelu" else None,
+            apply_b_dec_to_input=bool(getattr(sae.cfg, "apply_b_dec_to_input", True)),
+        )
+
+    def encode(self, h: Float[Tensor, "... d_model"]) -> Float[Tensor, "... k"]:
+        x = h - self.b_dec if self.apply_b_dec_to_input else h
+        pre = x @ self.W_enc + self.b_enc
+        if self.threshold is None:
+            return torch.relu(pre)
+        return torch.relu(pre) * (pre > self.threshold)
+
+    def tensors(self) -> dict[str, Tensor]:
+        out = {"latents": self.latents, "W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec,
+               "b_dec": self.b_dec, "apply_b_dec_to_input": torch.tensor([int(self.apply_b_dec_to_input)])}
+        if self.threshold is not None:
+            out["threshold"] = self.threshold
+        return out
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, Tensor]) -> LatentSlice:
+        return cls(t["latents"], t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t.get("threshold"),
+                   bool(t["apply_b_dec_to_input"][0]))
+
+
+@dataclass(frozen=True)
+class Guardrail:
+    """A value describing one guardrail. ``attach(model)`` puts it on a model for the duration of a ``with``."""
+
+    hook_name: str
+    gate_latents: Int[Tensor, " n"]
+    tau: float
+    c: float
+    mode: Mode = "dynamic"
+    clamp_positions: ClampPositions = "active"
+    clamp_latents: Int[Tensor, " m"] | None = None  # default: the gate latents
+    path: Path_ = "fast"
+    sae: Any = field(default=None, repr=False, compare=False)  # full SAE (reference path / TopK)
+    slice: LatentSlice | None = field(default=None, repr=False, compare=False)
+    meta: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("dynamic", "static"):
+            raise ValueError(f"mode must be 'dynamic' or 'static', got {self.mode!r}")
+        if self.clamp_positions not in ("active", "all"):
+            raise ValueError(f"clamp_positions must be 'active' or 'all', got {self.clamp_positions!r}")
+        if self.sae is None and self.slice is None:
+            raise ValueError("a Guardrail needs an SAE or a saved latent slice")
+        if self.slice is None:
+            try:
+                object.__setattr__(self, "slice", LatentSlice.from_sae(self.sae, self.union_latents))
+            except ValueError:
+                object.__setattr__(self, "path", "reference")  # TopK or normalised SAE: exact path only
+        if self.path == "reference" and self.sae is None:
+            raise ValueError("the reference path needs the full SAE")
+
+    @property
+    def clamp(self) -> Tensor:
+        return self.gate_latents if self.clamp_latents is None else self.clamp_latents
+
+    @property
+    def union_latents(self) -> Tensor:
+        return torch.unique(torch.cat([self.gate_latents, self.clamp]).long())
+
+    @classmethod
+    def from_selection(cls, sae, latents: Tensor, tau: float, c: float, **kw) -> Guardrail:
+        return cls(hook_name=sae.cfg.metadata.hook_name, gate_latents=latents.long(), tau=float(tau), c=float(c),
+                   sae=sae, **kw)
+
+    def with_(self, **changes) -> Guardrail:
+        """A copy with some fields changed (the latent slice is re-derived when latents change)."""
+        if any(k in changes for k in ("gate_latents", "clamp_latents")) and self.sae is not None:
+            changes.setdefault("slice", None)
+        return replace(self, **changes)
+
+    # ---------------------------------------------------------------- the computation
+    def gate_and_fire(
+        self, a_gate: Float[Tensor, "batch pos n"], content: Bool[Tensor, "batch pos"], rho_mask: Bool[Tensor, "batch pos"]
+    ) -> tuple[Bool[Tensor, "batch pos"], Float[Tensor, " batch"], Bool[Tensor, " batch"]]:
+        fire = (a_gate > 0).any(-1) & content
+        r = rho_fn(fire, rho_mask)
+        gated = r > self.tau if self.mode == "dynamic" else torch.ones_like(r, dtype=torch.bool)
+        return fire, r, gated
+
+    def clamp_mask(self, fire: Tensor, content: Tensor, gated: Tensor) -> Bool[Tensor, "batch pos"]:
+        where = fire if self.clamp_positions == "active" else content
+        return where & gated[:, None]
+
+    # ---------------------------------------------------------------- save / load
+    def save(self, directory: str | Path) -> Path:
+        """Write guardrail.json + guardrail.safetensors (no pickle), atomically."""
+        from safetensors.torch import save_file
+
+        from dsg_tl.utils import atomic_dir, versions
+
+        directory = Path(directory)
+        slice_ = self.slice if self.slice is not None else None
+        with atomic_dir(directory) as tmp:
+            tensors = {"gate_latents": self.gate_latents.long().cpu(), "clamp_latents": self.clamp.long().cpu()}
+            if slice_ is not None:
+                tensors.update({f"slice.{k}": v.detach().cpu().contiguous() for k, v in slice_.tensors().items()})
+            save_file(tensors, str(tmp / "guardrail.safetensors"))
+            spec = {"format_version": FORMAT_VERSION, "hook_name": self.hook_name, "tau": self.tau, "c": self.c,
+                    "mode": self.mode, "clamp_positions": self.clamp_positions, "path": self.path,
+                    "has_slice": slice_ is not None, "meta": self.meta, "versions": versions()}
+            (tmp / "guardrail.json").write_text(json.dumps(spec, indent=2, default=str))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, sae=None) -> Guardrail:
+        """Load a saved guardrail. Without ``sae`` only the fast path is available (from the saved latent slice)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        spec_path, tensor_path = directory / "guardrail.json", directory / "guardrail.safetensors"
+        if not spec_path.is_file() or not tensor_path.is_file():
+            raise FileNotFoundError(f"{directory} is not a saved guardrail (guardrail.json/.safetensors missing)")
+        spec = json.loads(spec_path.read_text())
+        if spec.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{directory}: unsupported guardrail format {spec.get('format_version')}")
+        t = load_file(str(tensor_path))
+        slice_ = None
+        if spec["has_slice"]:
+            slice_ = LatentSlice.from_tensors({k[len("slice."):]: v for k, v in t.items() if k.startswith("slice.")})
+        clamp = t["clamp_latents"]
+        path = spec["path"] if (sae is not None or spec["path"] == "fast") else "fast"
+        return cls(hook_name=spec["hook_name"], gate_latents=t["gate_latents"], tau=spec["tau"], c=spec["c"],
+                   mode=spec["mode"], clamp_positions=spec["clamp_positions"],
+                   clamp_latents=None if torch.equal(clamp, t["gate_latents"]) else clamp,
+                   path=path, sae=sae, slice=slice_, meta=spec.get("meta", {}))
+
+    # ---------------------------------------------------------------- attach
+    @contextmanager
+    def attach(self, model) -> Iterator[GuardrailModule]:
+        """Attach to a HookedTransformer for the ``with`` block; hooks are removed on exit, also on exceptions."""
+        module = GuardrailModule(self)
+        module.install(model)
+        try:
+            yield module
+        finally:
+            module.uninstall(model)
+
+
+class GuardrailModule(HookedRootModule):
+    """The guardrail's hook function plus its own hook points; lives at ``<parent of hook>.dsg`` while attached."""
+
+    def __init__(self, guardrail: Guardrail):
+        super().__init__()
+        self.g = guardrail
+        self.hook_latents = HookPoint()
+        self.hook_fire = HookPoint()
+        self.hook_rho = HookPoint()
+        self.hook_gate = HookPoint()
+        self.hook_clamped = HookPoint()
+        self._batch: TokenBatch | None = None
+        self._positions: Tensor | None = None  # absolute positions of the current forward (KV-cache generation)
+        self.last_gate: Tensor | None = None
+        self.last_rho: Tensor | None = None
+        self._hook_point: HookPoint | None = None
+        self._parent: nn.Module | None = None
+        g = guardrail
+        union = g.union_latents
+        self._gate_idx = torch.searchsorted(union, g.gate_latents.long())
+        self._clamp_idx = torch.searchsorted(union, g.clamp.long())
+        self.setup()
+
+    # masks for the next forward passes
+    def set_batch(self, batch: TokenBatch | None) -> None:
+        self._batch = batch
+
+    def _masks(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        b, p = h.shape[:2]
+        if self._batch is None:
+            content = torch.ones(b, p, dtype=torch.bool, device=h.device)
+            content[:, 0] = False  # BOS
+            return content, content
+        content, rho_mask = self._batch.content_mask, self._batch.rho_mask
+        if content.shape != (b, p):
+            raise ValueError(
+                f"guardrail masks are for a batch of shape {tuple(content.shape)} but the forward pass has {(b, p)}; "
+                "call set_batch() with the batch you run"
+            )
+        return content.to(h.device), rho_mask.to(h.device)
+
+    def _encode_union(self, h: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Activations of the union latents; for the reference path also the full acts and the error term."""
+        g = self.g
+        if g.path == "fast":
+            return g.slice.encode(h), None, None
+        sae = g.sae
+        full = sae.encode(h)
+        err = h - sae.decode(full)
+        return full[..., g.union_latents.to(h.device)], full, err
+
+    def forward(self, h: Float[Tensor, "batch pos d_model"], hook=None) -> Tensor:
+        g = self.g
+        content, rho_mask = self._masks(h)
+        a_union, full, err = self._encode_union(h)
+        a_union = self.hook_latents(a_union)
+        fire, r, gated = g.gate_and_fire(a_union[..., self._gate_idx.to(h.device)], content, rho_mask)
+        fire = self.hook_fire(fire)
+        r = self.hook_rho(r)
+        gated = self.hook_gate(gated)
+        self.last_gate, self.last_rho = gated.detach(), r.detach()
+        where = g.clamp_mask(fire, content, gated)
+        cidx = self._clamp_idx.to(h.device)
+        a_clamp = a_union[..., cidx]
+        new = torch.where(where[..., None], torch.full_like(a_clamp, -g.c), a_clamp)
+        clamped = a_union.clone()
+        clamped[..., cidx] = new
+        clamped = self.hook_clamped(clamped)
+        if not bool(gated.any()):
+            return h
+        if g.path == "fast":
+            W_dec = g.slice.W_dec[cidx].to(h.dtype)
+            out = h + (clamped[..., cidx] - a_clamp) @ W_dec
+        else:
+            full = full.clone()
+            full[..., g.clamp.to(h.device)] = clamped[..., cidx]
+            out = g.sae.decode(full) + err
+        return torch.where(gated[:, None, None], out, h)
+
+    def install(self, model) -> None:
+        hp = model.mod_dict.get(self.g.hook_name) if hasattr(model, "mod_dict") else None
+        if not isinstance(hp, HookPoint):
+            raise KeyError(
+                f"hook point {self.g.hook_name!r} does not exist in this model "
+                f"(e.g. {[k for k in model.hook_dict if 'resid' in k][:3]})"
+            )
+        parent_name = self.g.hook_name.rsplit(".", 1)[0] if "." in self.g.hook_name else ""
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if hasattr(parent, "dsg"):
+            raise RuntimeError(f"a guardrail is already attached at {parent_name or '<model>'}")
+        parent.dsg = self
+        self._parent, self._hook_point = parent, hp
+        hp.add_hook(self._hook_fn, is_permanent=True)
+        model.setup()
+
+    def _hook_fn(self, act: Tensor, hook: HookPoint) -> Tensor:
+        return self(act)
+
+    def uninstall(self, model) -> None:
+        hp = self._hook_point
+        if hp is not None:
+            keep = []
+            for handle in hp.fwd_hooks:
+                if getattr(handle, "user_hook", None) is self._hook_fn:
+                    handle.hook.remove()
+                else:
+                    keep.append(handle)
+            hp.fwd_hooks = keep
+        if self._parent is not None and getattr(self._parent, "dsg", None) is self:
+            del self._parent.dsg
+        self._parent = self._hook_point = None
+        self._batch = None
+        model.setup()
