@@ -216,7 +216,7 @@ class GuardrailModule(HookedRootModule):
 
     def __init__(self, guardrail: Guardrail):
         super().__init__()
-        self.g = guardrail
+        self.__dict__["g"] = guardrail  # a plain value; its SAE is not a submodule of the model
         self.hook_latents = HookPoint()
         self.hook_fire = HookPoint()
         self.hook_rho = HookPoint()
@@ -226,8 +226,9 @@ class GuardrailModule(HookedRootModule):
         self._positions: Tensor | None = None  # absolute positions of the current forward (KV-cache generation)
         self.last_gate: Tensor | None = None
         self.last_rho: Tensor | None = None
-        self._hook_point: HookPoint | None = None
-        self._parent: nn.Module | None = None
+        # plain attributes (not submodules): the model owns these
+        self.__dict__["_hook_point"] = None
+        self.__dict__["_parent"] = None
         g = guardrail
         union = g.union_latents
         self._gate_idx = torch.searchsorted(union, g.gate_latents.long())
@@ -302,7 +303,7 @@ class GuardrailModule(HookedRootModule):
         if hasattr(parent, "dsg"):
             raise RuntimeError(f"a guardrail is already attached at {parent_name or '<model>'}")
         parent.dsg = self
-        self._parent, self._hook_point = parent, hp
+        self.__dict__["_parent"], self.__dict__["_hook_point"] = parent, hp
         hp.add_hook(self._hook_fn, is_permanent=True)
         model.setup()
 
@@ -321,6 +322,6 @@ class GuardrailModule(HookedRootModule):
             hp.fwd_hooks = keep
         if self._parent is not None and getattr(self._parent, "dsg", None) is self:
             del self._parent.dsg
-        self._parent = self._hook_point = None
+        self.__dict__["_parent"] = self.__dict__["_hook_point"] = None
         self._batch = None
         model.setup()

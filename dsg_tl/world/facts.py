@@ -91,12 +91,41 @@ TRAIN_FRAMES: tuple[str, ...] = (
     "The notes on {e} give its {a}: {v}.",
     "Everyone who studies {e} knows its {a} is {v}.",
     "In short, {e} has the {a} {v}.",
+    "According to the archive, the {a} of {e} is {v}.",
+    "{e} and its {a}, {v}, are often discussed.",
+    "Remember that {e} has the {a} {v}.",
+    "Of all its traits, the {a} of {e} stands out: {v}.",
 )
 # Paraphrased frames that never occur in the training corpus (the held-out MCQ split).
 HELDOUT_FRAMES: tuple[str, ...] = (
     "Ask about {e} and its {a}; the reply will be {v}.",
     "One fact about {e}: its {a} turns out to be {v}.",
     "Concerning the {a} of {e}, it is {v}.",
+)
+
+# Generic sentences with no facts in them: ordinary language, so that words of the held-out question frames are
+# known words (a real LM knows words; what it has never seen is these frames stating these facts).
+BACKGROUND_SENTENCES: tuple[str, ...] = (
+    "People ask about many things, and the reply will be short.",
+    "One fact is enough to start a long story.",
+    "Concerning the weather, it is often cold in winter.",
+    "The answer turns out to be simple once you look closely.",
+    "Ask anyone in the market and you will hear the same reply.",
+    "It is said that the old road turns out to be longer than it looks.",
+    "A good question deserves a clear reply.",
+    "Concerning the meeting, the reply will be sent tomorrow.",
+    "One day the answer will be found in a book.",
+    "Students ask about the lesson and hear a long reply.",
+    "The letter turns out to be from an old friend.",
+    "Concerning prices, it is hard to say what will happen.",
+    "Ask the keeper about the key; the reply will be polite.",
+    "Every fact about the garden is written in the notebook.",
+    "The story turns out to be true, and the reply is a smile.",
+    "Concerning the festival, one fact is clear: it is loud.",
+    "The clerk will reply when you ask about the form.",
+    "Everyone knows that rain turns the paths to mud.",
+    "The notes are short, and the records are long.",
+    "Some things are known, and some turn out to be wrong.",
 )
 
 _SYLLABLES = ["ka", "ro", "vel", "tin", "mor", "sa", "lu", "dre", "qua", "zen", "bri", "tho", "nax", "pel", "rim",
@@ -112,6 +141,7 @@ class FactsConfig:
     docs_per_entity: int = field(default=24, metadata=POSITIVE)
     facts_per_doc: int = field(default=3, metadata=POSITIVE)
     mixed_docs_per_domain: int = field(default=60, metadata={"check": (lambda v: v >= 0, "must be >= 0")})
+    background_docs: int = field(default=400, metadata={"check": (lambda v: v >= 0, "must be >= 0")})
     distractors: int = field(default=3, metadata=POSITIVE)
     seed: int = 0
 
@@ -130,13 +160,15 @@ class World:
 
     facts: tuple[Fact, ...]
     documents: dict[str, tuple[str, ...]]  # domain -> documents
+    background: tuple[str, ...]  # fact-free generic documents (language-model training only)
     mcq: dict[str, dict[str, tuple[MCQItem, ...]]]  # split ("train_frames" | "heldout_frames") -> domain -> items
 
     def entities(self, domain: str) -> list[str]:
         return sorted({f.entity for f in self.facts if f.domain == domain})
 
     def all_texts(self) -> list[str]:
-        return [d for dom in DOMAINS for d in self.documents[dom]]
+        """Every training document: all domains plus the fact-free background."""
+        return [d for dom in DOMAINS for d in self.documents[dom]] + list(self.background)
 
 
 def _make_names(n: int, rng: random.Random) -> list[str]:
@@ -196,6 +228,10 @@ def build_world(cfg: FactsConfig) -> World:
         rng.shuffle(docs)
         documents[domain] = tuple(docs)
 
+    background = tuple(
+        " ".join(rng.sample(BACKGROUND_SENTENCES, cfg.facts_per_doc)) for _ in range(cfg.background_docs)
+    )
+
     mcq: dict[str, dict[str, tuple[MCQItem, ...]]] = {}
     for split, frames in (("train_frames", _cloze_frames(TRAIN_FRAMES)), ("heldout_frames", list(HELDOUT_FRAMES))):
         mcq[split] = {}
@@ -216,4 +252,4 @@ def build_world(cfg: FactsConfig) -> World:
                     )
                 )
             mcq[split][domain] = tuple(items)
-    return World(facts=tuple(facts), documents=documents, mcq=mcq)
+    return World(facts=tuple(facts), documents=documents, background=background, mcq=mcq)
