@@ -96,6 +96,10 @@ def _from_dict(cls: type[T], data: dict, where: str, prefix: str = "") -> T:
         raise ConfigError(
             f"{where}: unknown key '{prefix}{unknown[0]}' (allowed under '{prefix or '<top>'}': {sorted(fields)})"
         )
+    missing = [n for n, f in fields.items() if n not in data and f.init and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing required key '{prefix}{missing[0]}'")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}{name}"

@@ -121,6 +121,8 @@ class Guardrail:
                 object.__setattr__(self, "slice", LatentSlice.from_sae(self.sae, self.union_latents))
             except ValueError:
                 object.__setattr__(self, "path", "reference")  # TopK or normalised SAE: exact path only
+        if self.slice is not None and not torch.isin(self.union_latents.cpu(), self.slice.latents.cpu()).all():
+            raise ValueError("the latent slice lacks some gate/clamp latents (changing latents needs the full SAE)")
         if self.path == "reference" and self.sae is None:
             raise ValueError("the reference path needs the full SAE")
 
@@ -166,7 +168,7 @@ class Guardrail:
         directory = Path(directory)
         slice_ = self.slice if self.slice is not None else None
         with atomic_dir(directory) as tmp:
-            tensors = {"gate_latents": self.gate_latents.long().cpu(), "clamp_latents": self.clamp.long().cpu()}
+            tensors = {"gate_latents": self.gate_latents.long().cpu(), "clamp_latents": self.clamp.long().cpu().clone()}
             if slice_ is not None:
                 tensors.update({f"slice.{k}": v.detach().cpu().contiguous() for k, v in slice_.tensors().items()})
             save_file(tensors, str(tmp / "guardrail.safetensors"))
@@ -304,7 +306,8 @@ class GuardrailModule(HookedRootModule):
             raise RuntimeError(f"a guardrail is already attached at {parent_name or '<model>'}")
         parent.dsg = self
         self.__dict__["_parent"], self.__dict__["_hook_point"] = parent, hp
-        hp.add_hook(self._hook_fn, is_permanent=True)
+        self.__dict__["_installed_fn"] = self._hook_fn  # one bound-method object, so removal can find it by identity
+        hp.add_hook(self._installed_fn, is_permanent=True)
         model.setup()
 
     def _hook_fn(self, act: Tensor, hook: HookPoint) -> Tensor:
@@ -315,7 +318,7 @@ class GuardrailModule(HookedRootModule):
         if hp is not None:
             keep = []
             for handle in hp.fwd_hooks:
-                if getattr(handle, "user_hook", None) is self._hook_fn:
+                if getattr(handle, "user_hook", None) is self.__dict__.get("_installed_fn"):
                     handle.hook.remove()
                 else:
                     keep.append(handle)

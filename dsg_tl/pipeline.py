@@ -37,6 +37,7 @@ class DSGConfig:
     forget_fraction: float = field(default=1.0, metadata=FRACTION)
     stats_batch_size: int = field(default=16, metadata=POSITIVE)
     calibration_max_len: int = field(default=128, metadata=POSITIVE)
+    calibration_unit: Literal["document", "sentence"] = "sentence"  # world only: what one gate sequence is
     seed: int = 0
 
 
@@ -51,9 +52,18 @@ class Corpora:
     forget_eval: list[str]
 
 
-def world_corpora(world: World, forget_domain: str = "hazard", retain_domains=RETAIN_DOMAINS, seed: int = 0) -> Corpora:
+def sentences(docs: list[str]) -> list[str]:
+    """Split documents into sentences (the world's sentences end with '. ')."""
+    return [s if s.endswith(".") else s + "." for d in docs for s in d.split(". ") if s.strip()]
+
+
+def world_corpora(world: World, forget_domain: str = "hazard", retain_domains=RETAIN_DOMAINS, seed: int = 0,
+                  calibration_unit: Literal["document", "sentence"] = "sentence") -> Corpora:
     """Split the world's documents: half of the retain documents for statistics, a quarter each for calibration and
-    held-out false-positive measurement; forget documents for statistics, a held-out quarter for the gate's TPR."""
+    held-out false-positive measurement; forget documents for statistics, a held-out quarter for the gate's TPR.
+
+    Gate sequences are single sentences by default: one stated fact, like the MCQ prompts the gate will see.
+    """
     rng = random.Random(seed)
     retain = [d for dom in retain_domains for d in world.documents[dom]]
     rng.shuffle(retain)
@@ -62,8 +72,9 @@ def world_corpora(world: World, forget_domain: str = "hazard", retain_domains=RE
     h = len(retain) // 2
     q = len(retain) // 4
     fq = len(forget) // 4
-    return Corpora(forget=forget[fq:], retain=retain[:h], calibration=retain[h : h + q],
-                   heldout_retain=retain[h + q :], forget_eval=forget[:fq])
+    unit = sentences if calibration_unit == "sentence" else list
+    return Corpora(forget=forget[fq:], retain=retain[:h], calibration=unit(retain[h : h + q]),
+                   heldout_retain=unit(retain[h + q :]), forget_eval=unit(forget[:fq]))
 
 
 def corpus_stats(model, sae, texts: list[str], cfg: DSGConfig, desc: str, progress: bool = True) -> LatentStats:

@@ -38,7 +38,7 @@ class SAETrainConfig:
     """The SAE trained on ``blocks.{layer}.hook_resid_post``."""
 
     architecture: Literal["standard", "jumprelu", "topk"] = "topk"
-    layer: int = field(default=1, metadata={"check": (lambda v: v >= 0, "must be >= 0")})
+    layer: int = field(default=2, metadata={"check": (lambda v: v >= 0, "must be >= 0")})
     d_sae: int = field(default=1024, metadata=POSITIVE)
     k: int = field(default=16, metadata=POSITIVE)  # topk only
     l1_coefficient: float = 5.0  # standard only

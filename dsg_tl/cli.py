@@ -1,0 +1,228 @@
+"""The ``dsg-tl`` command line. Thin: parse arguments, load a config, call library functions, print."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+def _offline_defaults() -> None:
+    """Default to offline hub and W&B when the user has not chosen (world commands need no hub)."""
+    for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
+                 ("HF_HUB_DISABLE_TELEMETRY", "1"), ("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"),
+                 ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(k, v)
+
+
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def load_demo_config(args):
+    from dsg_tl.config import load_config, override
+    from dsg_tl.demo import DemoConfig
+
+    path = Path(args.config)
+    if args.config == DEFAULT_CONFIG and not path.is_file():
+        cfg = DemoConfig()  # running outside the repository: built-in defaults
+    else:
+        cfg = load_config(path, DemoConfig)
+    if args.set:
+        pairs = {}
+        for item in args.set:
+            if "=" not in item:
+                raise SystemExit(f"--set expects key=value, got {item!r}")
+            k, v = item.split("=", 1)
+            pairs[k.strip()] = _parse_value(v)
+        cfg = override(cfg, pairs)
+    return cfg
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default: {DEFAULT_CONFIG})")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set dsg.c=40 --set world.model.steps=100 (repeatable)")
+    p.add_argument("--cache", default=None, help="cache directory (default: $DSG_TL_CACHE or ./.dsg_cache)")
+
+
+def cmd_world_build(args) -> None:
+    from dsg_tl.world.build import build_or_load_world
+
+    cfg = load_demo_config(args)
+    art = build_or_load_world(cfg.world, args.cache, rebuild=args.rebuild)
+    m = art.metrics
+    print(f"world at {art.path}")
+    print(f"build timings (s): " + ", ".join(f"{k}={v:.1f}" for k, v in m["timings_s"].items()))
+    s = m["sae"]
+    print(f"LM final loss {m['lm_final_loss']:.3f}; SAE {art.sae.cfg.architecture()} d_sae={art.sae.cfg.d_sae} at "
+          f"{art.hook_name}: FVE {s['fve']:.3f}, L0 {s['l0']:.1f}, dead {s['dead_fraction']:.3f}, "
+          f"CE {s['ce_clean']:.3f} -> {s['ce_spliced']:.3f} (+{s['ce_increase']:.3f})")
+
+
+def cmd_world_eval(args) -> None:
+    from dsg_tl.evaluation.mcq import evaluate_mcq
+    from dsg_tl.world.build import build_or_load_world
+    from dsg_tl.world.facts import DOMAINS
+
+    cfg = load_demo_config(args)
+    art = build_or_load_world(cfg.world, args.cache)
+    splits = ("train_frames", "heldout_frames")
+    print(f"{'domain':<12}" + "".join(f"{s:>28}" for s in splits))
+    rows = {}
+    for d in DOMAINS:
+        cells = []
+        for s in splits:
+            r = evaluate_mcq(art.model, art.world.mcq[s][d], cfg.eval.mode, batch_size=cfg.eval.batch_size)
+            rows.setdefault(d, {})[s] = r.summary()
+            cells.append(f"acc {r.accuracy:.3f} margin {r.mean_margin:+.2f}")
+        print(f"{d:<12}" + "".join(f"{c:>28}" for c in cells))
+    if args.out:
+        from dsg_tl.utils import write_json
+
+        write_json(Path(args.out), {"world": str(art.path), "mode": cfg.eval.mode, "accuracy": rows})
+
+
+def _fit(args):
+    from dsg_tl.pipeline import fit_dsg, world_corpora
+    from dsg_tl.world.build import build_or_load_world, default_cache_dir
+
+    cfg = load_demo_config(args)
+    art = build_or_load_world(cfg.world, args.cache)
+    corpora = world_corpora(art.world, cfg.forget_domain, seed=cfg.dsg.seed,
+                            calibration_unit=cfg.dsg.calibration_unit)
+    fit = fit_dsg(art.model, art.sae, corpora, cfg.dsg, cache_dir=Path(args.cache or default_cache_dir()),
+                  model_id=art.path.name)
+    return cfg, art, fit
+
+
+def cmd_select(args) -> None:
+    from dsg_tl.config import save_config
+    from dsg_tl.utils import write_json
+
+    cfg, art, fit = _fit(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "selection.json", {**fit.selection.summary(), "explain": fit.selection.explain()})
+    fit.forget_stats.save(out / "forget_stats.safetensors")
+    fit.retain_stats.save(out / "retain_stats.safetensors")
+    save_config(cfg, out / "config.yaml")
+    print(f"{'rank':>4} {'latent':>6} {'forget E[a^2]':>14} {'retain E[a^2]':>14} {'ratio':>10}")
+    for r in fit.selection.explain():
+        print(f"{r['rank']:>4} {r['latent']:>6} {r['forget_score']:>14.4f} {r['retain_score']:>14.4f} {r['ratio']:>10.3g}")
+    print(f"wrote {out / 'selection.json'}")
+
+
+def cmd_calibrate(args) -> None:
+    from dsg_tl.config import save_config
+    from dsg_tl.utils import write_json
+
+    cfg, art, fit = _fit(args)
+    out = Path(args.out)
+    fit.guardrail.save(out / "guardrail")
+    write_json(out / "gate.json", fit.gate.to_dict())
+    save_config(cfg, out / "config.yaml")
+    g = fit.gate
+    print(f"tau={g.tau:.4f} (p_dyn={cfg.dsg.p_dyn}, alpha={g.alpha:.3f}); held-out retain FPR={g.retain_fpr:.3f}; "
+          f"forget TPR={g.forget_tpr:.3f}\nguardrail saved to {out / 'guardrail'}")
+
+
+def cmd_evaluate(args) -> None:
+    from dsg_tl.evaluation.domains import domain_groups, evaluate_groups, summarize
+    from dsg_tl.guardrail import Guardrail
+    from dsg_tl.utils import write_json
+    from dsg_tl.world.build import build_or_load_world
+
+    cfg = load_demo_config(args)
+    art = build_or_load_world(cfg.world, args.cache)
+    g = Guardrail.load(args.guardrail, sae=art.sae)
+    results = {}
+    for split in cfg.eval.splits:
+        groups = domain_groups(art.world, split, cfg.forget_domain)
+        results[split] = {
+            "base": summarize(evaluate_groups(art.model, groups, mode=cfg.eval.mode)),
+            "guardrail": summarize(evaluate_groups(art.model, groups, mode=cfg.eval.mode, guardrail=g)),
+        }
+        for name, r in results[split].items():
+            print(f"{split:<15} {name:<10} " + "  ".join(f"{k} {v['accuracy']:.3f}" for k, v in r.items()))
+    if args.out:
+        write_json(Path(args.out) / "evaluation.json", results)
+
+
+def cmd_demo(args) -> None:
+    from dsg_tl.demo import run_demo
+
+    cfg = load_demo_config(args)
+    run_demo(cfg, args.out, args.cache)
+
+
+def cmd_doctor(args) -> None:
+    from dsg_tl.models import doctor
+    from dsg_tl.world.build import build_or_load_world
+
+    cfg = load_demo_config(args)
+    art = build_or_load_world(cfg.world, args.cache)
+    texts = list(art.world.documents["geography"][:64])
+    report = doctor(art.model, art.sae, texts, c=cfg.dsg.c)
+    for k, v in report.to_dict().items():
+        print(f"{k:>14}: {v}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsg-tl", description="Dynamic SAE Guardrails on TransformerLens + sae-lens.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    world = sub.add_parser("world", help="the fictional-knowledge world")
+    wsub = world.add_subparsers(dest="world_command", required=True)
+    wb = wsub.add_parser("build", help="build (or load from cache) the world: tokenizer, tiny model, SAE")
+    _common(wb)
+    wb.add_argument("--rebuild", action="store_true", help="rebuild even when a valid cache exists")
+    wb.set_defaults(func=cmd_world_build)
+    we = wsub.add_parser("eval", help="base-model MCQ accuracy per domain, as a table")
+    _common(we)
+    we.add_argument("--out", default=None, help="also write the table as JSON to this file")
+    we.set_defaults(func=cmd_world_eval)
+
+    s = sub.add_parser("select", help="streaming statistics and Fisher feature selection")
+    _common(s)
+    s.add_argument("--out", default="runs/select")
+    s.set_defaults(func=cmd_select)
+    c = sub.add_parser("calibrate", help="select, then calibrate the gate threshold tau; save the guardrail")
+    _common(c)
+    c.add_argument("--out", default="runs/calibrate")
+    c.set_defaults(func=cmd_calibrate)
+    e = sub.add_parser("evaluate", help="per-domain MCQ accuracy with and without a saved guardrail")
+    _common(e)
+    e.add_argument("--guardrail", required=True, help="directory written by `dsg-tl calibrate`")
+    e.add_argument("--out", default=None)
+    e.set_defaults(func=cmd_evaluate)
+    d = sub.add_parser("demo", help="the whole method on the world: DSG vs static vs random control, sweep, plot, W&B")
+    _common(d)
+    d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    d.set_defaults(func=cmd_demo)
+    dr = sub.add_parser("doctor", help="check the (model, SAE, layer) triple: FVE, CE increase, norms vs c")
+    _common(dr)
+    dr.set_defaults(func=cmd_doctor)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    _offline_defaults()
+    args = build_parser().parse_args(argv)
+    from dsg_tl.config import ConfigError
+
+    try:
+        args.func(args)
+    except ConfigError as e:
+        print(f"dsg-tl: config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
