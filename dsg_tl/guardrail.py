@@ -232,9 +232,11 @@ class GuardrailModule(HookedRootModule):
         self.__dict__["_hook_point"] = None
         self.__dict__["_parent"] = None
         g = guardrail
-        union = g.union_latents
-        self._gate_idx = torch.searchsorted(union, g.gate_latents.long())
-        self._clamp_idx = torch.searchsorted(union, g.clamp.long())
+        # columns of the encoded activations: the saved slice's latents (fast) or the union (reference)
+        cols = (g.slice.latents if g.path == "fast" else g.union_latents).tolist()
+        col = {j: i for i, j in enumerate(cols)}
+        self._gate_idx = torch.tensor([col[j] for j in g.gate_latents.tolist()], dtype=torch.long)
+        self._clamp_idx = torch.tensor([col[j] for j in g.clamp.tolist()], dtype=torch.long)
         self.setup()
 
     # masks for the next forward passes
