@@ -114,6 +114,8 @@ def _from_dict(cls: type[T], data: dict, where: str, prefix: str = "") -> T:
         obj = cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    except ValueError as e:  # cross-field checks in __post_init__ name their keys
+        raise ConfigError(f"{where}: {prefix}{e}" if prefix and not str(e).startswith(prefix) else f"{where}: {e}") from None
     return obj
 
 

@@ -98,34 +98,34 @@ TRAIN_FRAMES: tuple[str, ...] = (
 )
 # Paraphrased frames that never occur in the training corpus (the held-out MCQ split).
 HELDOUT_FRAMES: tuple[str, ...] = (
-    "Ask about {e} and its {a}; the reply will be {v}.",
-    "One fact about {e}: its {a} turns out to be {v}.",
-    "Concerning the {a} of {e}, it is {v}.",
+    "What is the {a} of {e}? It is {v}.",
+    "Regarding {e}, its {a} is {v}.",
+    "Tell me about {e}: its {a} would be {v}.",
 )
 
 # Generic sentences with no facts in them: ordinary language, so that words of the held-out question frames are
 # known words (a real LM knows words; what it has never seen is these frames stating these facts).
 BACKGROUND_SENTENCES: tuple[str, ...] = (
-    "People ask about many things, and the reply will be short.",
-    "One fact is enough to start a long story.",
-    "Concerning the weather, it is often cold in winter.",
-    "The answer turns out to be simple once you look closely.",
-    "Ask anyone in the market and you will hear the same reply.",
-    "It is said that the old road turns out to be longer than it looks.",
-    "A good question deserves a clear reply.",
-    "Concerning the meeting, the reply will be sent tomorrow.",
-    "One day the answer will be found in a book.",
-    "Students ask about the lesson and hear a long reply.",
-    "The letter turns out to be from an old friend.",
-    "Concerning prices, it is hard to say what will happen.",
-    "Ask the keeper about the key; the reply will be polite.",
-    "Every fact about the garden is written in the notebook.",
-    "The story turns out to be true, and the reply is a smile.",
-    "Concerning the festival, one fact is clear: it is loud.",
-    "The clerk will reply when you ask about the form.",
+    "What is the time? It is late.",
+    "Regarding the weather, it is often cold in winter.",
+    "Tell me about the trip: it would be long.",
+    "What is in the box? It is a book.",
+    "Regarding prices, it is hard to say what will happen.",
+    "Tell me about your day: was it good?",
+    "A good question deserves a clear answer.",
+    "Regarding the meeting, the answer would be sent tomorrow.",
+    "What is your name? Tell me.",
+    "The road would be longer than it looks.",
+    "Regarding the garden, everything is written in the notebook.",
+    "Tell me about the story: is it true?",
+    "It would be wise to ask the keeper about the key.",
+    "What is the plan? It is simple.",
+    "The clerk will answer when you ask about the form.",
     "Everyone knows that rain turns the paths to mud.",
     "The notes are short, and the records are long.",
     "Some things are known, and some turn out to be wrong.",
+    "Tell me about it: what would be best?",
+    "Regarding the festival, one thing is clear: it is loud.",
 )
 
 _SYLLABLES = ["ka", "ro", "vel", "tin", "mor", "sa", "lu", "dre", "qua", "zen", "bri", "tho", "nax", "pel", "rim",
