@@ -1,9 +1,9 @@
 """Invented entities and facts, the text corpus and the multiple-choice benchmarks of the world.
 
 Design (why it looks like this):
-- The domain is carried by knowledge, not wording. Entity names are drawn from ONE syllable pool shared by every
-  domain, and every fact is stated with the same sentence frames in every domain. What tells a hazard sentence from a
-  geography sentence is which entity it names and which attribute and value it states.
+- The domain is carried by knowledge, not wording: every fact is stated with the same sentence frames in every
+  domain. What tells a hazard sentence from a geography sentence is which entity it names (names are built from a
+  per-domain syllable inventory) and which attribute and value it states.
 - `adjacent` (benign plants and animals) deliberately shares attribute names (``host``, ``technique``) and value words
   with `hazard`, so a gate that keys on vocabulary instead of knowledge over-blocks it.
 - Attribute values are multi-token phrases composed from two word lists (pools of >= 20 values), so recall is partial
@@ -128,8 +128,13 @@ BACKGROUND_SENTENCES: tuple[str, ...] = (
     "Regarding the festival, one thing is clear: it is loud.",
 )
 
-_SYLLABLES = ["ka", "ro", "vel", "tin", "mor", "sa", "lu", "dre", "qua", "zen", "bri", "tho", "nax", "pel", "rim",
-              "fo", "gal", "shi", "ver", "dun", "ept", "ol", "ix", "um", "ar", "bex", "cor", "dal", "fen", "gor"]
+# Entity names are built from syllables; each domain has its own inventory (names are the subjects of the domain's
+# knowledge, as pathogen names are in real hazard text), and `adjacent` borrows half of hazard's inventory, so its
+# names look like hazard names.
+_CV = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+random.Random(1234).shuffle(_CV)
+SYLLABLES: dict[str, list[str]] = {d: _CV[10 * i : 10 * i + 10] for i, d in enumerate(DOMAINS)}
+SYLLABLES["adjacent"] = SYLLABLES["hazard"][:5] + SYLLABLES["adjacent"][:5]
 
 
 @config_dataclass(frozen=True)
@@ -171,14 +176,13 @@ class World:
         return [d for dom in DOMAINS for d in self.documents[dom]] + list(self.background)
 
 
-def _make_names(n: int, rng: random.Random) -> list[str]:
-    names: set[str] = set()
+def _make_names(n: int, syllables: list[str], rng: random.Random, taken: set[str]) -> list[str]:
     out: list[str] = []
     while len(out) < n:
         k = rng.choice([2, 3, 3])
-        name = "".join(rng.choice(_SYLLABLES) for _ in range(k)).capitalize()
-        if name not in names and 5 <= len(name) <= 10:
-            names.add(name)
+        name = "".join(rng.choice(syllables) for _ in range(k)).capitalize()
+        if name not in taken:
+            taken.add(name)
             out.append(name)
     return out
 
@@ -201,11 +205,12 @@ def _cloze_frames(frames: tuple[str, ...]) -> list[str]:
 def build_world(cfg: FactsConfig) -> World:
     """Sample entities and facts, render documents and MCQs. Deterministic in ``cfg``."""
     rng = random.Random(cfg.seed)
-    names = _make_names(cfg.entities_per_domain * len(DOMAINS), rng)
+    taken: set[str] = set()
+    names = {d: _make_names(cfg.entities_per_domain, SYLLABLES[d], rng, taken) for d in DOMAINS}
     facts: list[Fact] = []
-    for d_i, domain in enumerate(DOMAINS):
+    for domain in DOMAINS:
         attrs = list(ATTRIBUTES[domain])[: cfg.attributes_per_entity]
-        for e in names[d_i * cfg.entities_per_domain : (d_i + 1) * cfg.entities_per_domain]:
+        for e in names[domain]:
             for a in attrs:
                 facts.append(Fact(domain, e, a, rng.choice(ATTRIBUTES[domain][a])))
 
