@@ -19,7 +19,7 @@ import torch
 
 from dsg_tl.config import config_hash, dataclass as config_dataclass, field, save_config, to_dict
 from dsg_tl.utils import atomic_dir, file_sha256, versions, write_json
-from dsg_tl.world.facts import FactsConfig, World, build_world
+from dsg_tl.world.facts import GENERATOR_VERSION, FactsConfig, World, build_world
 from dsg_tl.world.tokenizer import load_tokenizer, train_tokenizer
 from dsg_tl.world.train import (
     ModelConfig,
@@ -68,7 +68,7 @@ def default_cache_dir() -> Path:
 
 
 def world_dir(cfg: WorldConfig, cache_dir: str | Path | None = None) -> Path:
-    return Path(cache_dir or default_cache_dir()) / f"world-{config_hash(cfg)}"
+    return Path(cache_dir or default_cache_dir()) / f"world-{config_hash(cfg, GENERATOR_VERSION)}"
 
 
 def tokenizer_texts(world: World) -> list[str]:
@@ -190,7 +190,8 @@ def build_or_load_world(cfg: WorldConfig, cache_dir: str | Path | None = None, *
             metrics = _build(cfg, tmp)
             metrics["timings_s"]["build_total_s"] = time.perf_counter() - t0
             metrics["versions"] = versions()
-            metrics["config_hash"] = config_hash(cfg)
+            metrics["config_hash"] = config_hash(cfg, GENERATOR_VERSION)
+            metrics["generator_version"] = GENERATOR_VERSION
             write_json(tmp / "metrics.json", metrics)
             save_config(cfg, tmp / "config.yaml")
             write_json(tmp / "facts.json", [f.__dict__ for f in build_world(cfg.facts).facts])

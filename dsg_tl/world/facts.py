@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from dsg_tl.config import POSITIVE, dataclass as config_dataclass, field
 from dsg_tl.data.types import MCQItem
 
+# Bump when the generator's output changes for the same config: it is part of the world cache key.
+GENERATOR_VERSION = 3
+
 DOMAINS: tuple[str, ...] = ("hazard", "exploits", "geography", "history", "computing", "adjacent")
 FORGET_DOMAINS: tuple[str, ...] = ("hazard", "exploits")
 RETAIN_DOMAINS: tuple[str, ...] = ("geography", "history", "computing")
