@@ -173,6 +173,24 @@ def cmd_doctor(args) -> None:
         print(f"{k:>14}: {v}")
 
 
+def cmd_bench(args) -> None:
+    from dsg_tl.bench import run_bench
+    from dsg_tl.world.build import build_or_load_world
+
+    cfg = load_demo_config(args)
+    art = None if args.skip_world else build_or_load_world(cfg.world, args.cache)
+    res = run_bench(art, args.out, repeats=args.repeats, seq_len=args.seq_len, batch=args.batch,
+                    gemma_layers=args.gemma_layers, full_depth=args.full_depth, device=args.device)
+    for name, r in res.items():
+        line = (f"{name:<18} base {r['base_ms']:8.2f} ms  reference {r['reference_ms']:8.2f} ms "
+                f"({100 * r['reference_overhead']:+.1f}%)  fast {r['fast_ms']:8.2f} ms ({100 * r['fast_overhead']:+.1f}%)")
+        if "fast_overhead_per_layer_equiv" in r:
+            line += (f"  per layer-equivalent of {r['layer_equivalent_full_depth']} layers: reference "
+                     f"{100 * r['reference_overhead_per_layer_equiv']:+.2f}%, fast {100 * r['fast_overhead_per_layer_equiv']:+.2f}%")
+        print(line)
+    print(f"wrote {Path(args.out) / 'bench.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsg-tl", description="Dynamic SAE Guardrails on TransformerLens + sae-lens.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -205,6 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(d)
     d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     d.set_defaults(func=cmd_demo)
+    b = sub.add_parser("bench", help="time bare vs reference- vs fast-guarded forwards (world, Gemma-2-2B widths)")
+    _common(b)
+    b.add_argument("--out", default="runs/bench")
+    b.add_argument("--repeats", type=int, default=20)
+    b.add_argument("--seq-len", type=int, default=128)
+    b.add_argument("--batch", type=int, default=4)
+    b.add_argument("--gemma-layers", type=int, default=2, help="layers of the Gemma-width model on CPU")
+    b.add_argument("--full-depth", action="store_true", help="all 26 Gemma-2-2B layers (for a GPU)")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--skip-world", action="store_true", help="only the Gemma-width setting")
+    b.set_defaults(func=cmd_bench)
     dr = sub.add_parser("doctor", help="check the (model, SAE, layer) triple: FVE, CE increase, norms vs c")
     _common(dr)
     dr.set_defaults(func=cmd_doctor)

@@ -17,6 +17,18 @@ whether a latent fires depends on all others, so the guardrail falls back to the
 
 Intermediates are TransformerLens hook points under ``<block>.dsg`` (e.g. ``blocks.1.dsg.hook_rho``): hook_latents,
 hook_fire, hook_rho, hook_gate, hook_clamped. ``run_with_cache`` returns them next to the model's activations.
+
+Generation (``with handle.generation(prompt_batch): ...``). Outside a session every forward pass is gated on its own
+tokens, which is wrong with a KV cache (each forward after the first sees only the new tokens). Inside a session the
+gate is over the growing sequence: the module keeps per-sequence running counts (firing counted tokens, counted
+tokens; shape [batch]), the first forward is the prompt (masks from ``prompt_batch``: padding, BOS and EOS never
+count), each later forward adds its new tokens (masks from ``set_step_masks``, default: every new token counts), and
+  rho_t = fired_t / counted_t over prompt + generated tokens so far,  gated_t = rho_t > tau (dynamic) | True (static).
+Each new token is clamped iff the gate over the sequence so far (including that token) fires; earlier positions
+keep the decision of their own step (with a KV cache their keys/values were computed under it; without a cache,
+``kv_cache=False``, the module re-applies the recorded per-position decisions to the recomputed prefix), so the
+cached and uncached loops compute the same thing. A sequence can become gated, or stop being gated, as it grows.
+``handle.gate_history`` / ``handle.rho_history`` hold one [batch] tensor per forward of the session.
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ from typing import Any, Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
-from torch import Tensor, nn
+from torch import Tensor
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
 from dsg_tl.batching import TokenBatch
@@ -151,8 +163,11 @@ class Guardrail:
     ) -> tuple[Bool[Tensor, "batch pos"], Float[Tensor, " batch"], Bool[Tensor, " batch"]]:
         fire = (a_gate > 0).any(-1) & content
         r = rho_fn(fire, rho_mask)
-        gated = r > self.tau if self.mode == "dynamic" else torch.ones_like(r, dtype=torch.bool)
-        return fire, r, gated
+        return fire, r, self.decide(r)
+
+    def decide(self, r: Float[Tensor, " batch"]) -> Bool[Tensor, " batch"]:
+        """The gate decision from rho: rho > tau (dynamic) or always (static)."""
+        return r > self.tau if self.mode == "dynamic" else torch.ones_like(r, dtype=torch.bool)
 
     def clamp_mask(self, fire: Tensor, content: Tensor, gated: Tensor) -> Bool[Tensor, "batch pos"]:
         where = fire if self.clamp_positions == "active" else content
@@ -213,6 +228,23 @@ class Guardrail:
             module.uninstall(model)
 
 
+@dataclass
+class GenerationState:
+    """Running state of one generation session (see :meth:`GuardrailModule.generation`)."""
+
+    prompt: TokenBatch
+    kv_cache: bool
+    fired: Int[Tensor, " batch"]  # firing counted tokens so far
+    counted: Int[Tensor, " batch"]  # counted (gate-mask) tokens so far
+    content: Bool[Tensor, "batch seen"]  # content mask of every position seen so far
+    position_gate: Bool[Tensor, "batch seen"]  # the decision each position was clamped under
+    step_masks: tuple[Tensor, Tensor] | None = None  # masks for the next forward's new tokens
+
+    @property
+    def seen(self) -> int:
+        return self.content.shape[1]
+
+
 class GuardrailModule(HookedRootModule):
     """The guardrail's hook function plus its own hook points; lives at ``<parent of hook>.dsg`` while attached."""
 
@@ -225,9 +257,12 @@ class GuardrailModule(HookedRootModule):
         self.hook_gate = HookPoint()
         self.hook_clamped = HookPoint()
         self._batch: TokenBatch | None = None
-        self._positions: Tensor | None = None  # absolute positions of the current forward (KV-cache generation)
+        self.session: GenerationState | None = None  # set while a generation() session is active
+        self._last_session: GenerationState | None = None
         self.last_gate: Tensor | None = None
         self.last_rho: Tensor | None = None
+        self.gate_history: list[Tensor] = []  # one [batch] bool tensor per forward of the last session
+        self.rho_history: list[Tensor] = []
         # plain attributes (not submodules): the model owns these
         self.__dict__["_hook_point"] = None
         self.__dict__["_parent"] = None
@@ -242,6 +277,74 @@ class GuardrailModule(HookedRootModule):
     # masks for the next forward passes
     def set_batch(self, batch: TokenBatch | None) -> None:
         self._batch = batch
+
+    # generation sessions
+    @contextmanager
+    def generation(self, prompt: TokenBatch, *, kv_cache: bool = True) -> Iterator[GuardrailModule]:
+        """Gate over the growing sequence for the forwards inside the ``with`` block (see the module docstring).
+
+        The first forward must be the prompt (``prompt.tokens``' shape; any padding, left padding included, is read
+        from its masks). With ``kv_cache=True`` every later forward carries only new tokens (a KV cache holds the
+        rest); with ``kv_cache=False`` every later forward is the whole sequence so far, of which the positions past
+        those already seen are new. Before a forward, ``set_step_masks`` may say which new tokens count (default:
+        all). The state is reset on entry; ``gate_history`` and the counts stay readable after exit.
+        """
+        if self.session is not None:
+            raise RuntimeError("a generation session is already active on this guardrail")
+        b = prompt.tokens.shape[0]
+        dev = prompt.tokens.device
+        self.session = GenerationState(
+            prompt=prompt, kv_cache=kv_cache,
+            fired=torch.zeros(b, dtype=torch.long, device=dev), counted=torch.zeros(b, dtype=torch.long, device=dev),
+            content=torch.zeros(b, 0, dtype=torch.bool, device=dev),
+            position_gate=torch.zeros(b, 0, dtype=torch.bool, device=dev),
+        )
+        self.gate_history, self.rho_history = [], []
+        self._last_session = self.session
+        try:
+            yield self
+        finally:
+            self.session = None
+
+    @property
+    def generation_state(self) -> GenerationState | None:
+        """The active session's state, else the last session's (counts, masks, per-position decisions)."""
+        return self.session if self.session is not None else self._last_session
+
+    def set_step_masks(self, content_mask: Tensor, gate_mask: Tensor | None = None) -> None:
+        """Masks [batch, n_new] for the new tokens of the next forward in a session (content; rho, default content).
+
+        E.g. False for a generated EOS/BOS and for tokens fed after a sequence has finished.
+        """
+        if self.session is None:
+            raise RuntimeError("set_step_masks() needs an active generation() session")
+        content_mask = content_mask.bool()
+        rho_mask = content_mask if gate_mask is None else gate_mask.bool() & content_mask
+        self.session.step_masks = (content_mask, rho_mask)
+
+    def _session_step(self, h: Tensor) -> tuple[int, Tensor, Tensor]:
+        """Number of new positions in this forward and their (content, rho) masks; consumes the step masks."""
+        s = self.session
+        b, p = h.shape[:2]
+        if s.seen == 0:
+            if tuple(s.prompt.tokens.shape) != (b, p):
+                raise ValueError(f"the first forward of a generation session must be the prompt "
+                                 f"{tuple(s.prompt.tokens.shape)}, got {(b, p)}")
+            return p, s.prompt.content_mask.to(h.device), s.prompt.rho_mask.to(h.device)
+        if b != s.fired.shape[0]:
+            raise ValueError(f"generation session for batch size {s.fired.shape[0]}, forward has {b}")
+        n_new = p if s.kv_cache else p - s.seen
+        if n_new < 1:
+            raise ValueError(f"kv_cache=False session: the forward has {p} positions, {s.seen} already seen; "
+                             "each forward must be the whole sequence so far plus new tokens")
+        masks, s.step_masks = s.step_masks, None
+        if masks is None:
+            ones = torch.ones(b, n_new, dtype=torch.bool, device=h.device)
+            return n_new, ones, ones
+        content, rho_mask = (m.to(h.device) for m in masks)
+        if content.shape != (b, n_new):
+            raise ValueError(f"set_step_masks() gave masks of shape {tuple(content.shape)} for {(b, n_new)} new tokens")
+        return n_new, content, rho_mask
 
     def _masks(self, h: Tensor) -> tuple[Tensor, Tensor]:
         b, p = h.shape[:2]
@@ -268,6 +371,8 @@ class GuardrailModule(HookedRootModule):
         return full[..., g.union_latents.to(h.device)], full, err
 
     def forward(self, h: Float[Tensor, "batch pos d_model"], hook=None) -> Tensor:
+        if self.session is not None:
+            return self._forward_session(h)
         g = self.g
         content, rho_mask = self._masks(h)
         a_union, full, err = self._encode_union(h)
@@ -278,13 +383,48 @@ class GuardrailModule(HookedRootModule):
         gated = self.hook_gate(gated)
         self.last_gate, self.last_rho = gated.detach(), r.detach()
         where = g.clamp_mask(fire, content, gated)
+        return self._clamp(h, a_union, full, err, where, gated[:, None].expand(where.shape))
+
+    def _forward_session(self, h: Tensor) -> Tensor:
+        """One forward of a generation session: update the running counts, decide, clamp the new positions."""
+        g, s = self.g, self.session
+        first = s.seen == 0
+        n_new, new_content, new_rho = self._session_step(h)
+        a_union, full, err = self._encode_union(h)
+        a_union = self.hook_latents(a_union)
+        # this forward's positions: only the new ones (KV cache, or the prompt), or the whole sequence so far
+        content = new_content if (s.kv_cache or first) else torch.cat([s.content.to(h.device), new_content], 1)
+        fire = (a_union[..., self._gate_idx.to(h.device)] > 0).any(-1) & content
+        fire = self.hook_fire(fire)
+        fire_new = fire[:, -n_new:]
+        s.fired = s.fired.to(h.device) + (fire_new & new_rho).sum(-1)
+        s.counted = s.counted.to(h.device) + new_rho.sum(-1)
+        r = s.fired.float() / s.counted.clamp(min=1).float()  # = dsg_tl.gate.rho over all tokens so far
+        r = self.hook_rho(r)
+        gated = self.hook_gate(g.decide(r))
+        new_gate = gated[:, None].expand(-1, n_new)
+        past_gate = s.position_gate.to(h.device)
+        s.content = torch.cat([s.content.to(h.device), new_content], 1)
+        s.position_gate = torch.cat([past_gate, new_gate], 1)
+        # the decision for each position of this forward: the new one for new tokens, the recorded one before
+        position_gate = new_gate if (s.kv_cache or first) else s.position_gate
+        self.last_gate, self.last_rho = gated.detach(), r.detach()
+        self.gate_history.append(gated.detach().clone())
+        self.rho_history.append(r.detach().clone())
+        where = (fire if g.clamp_positions == "active" else content) & position_gate
+        return self._clamp(h, a_union, full, err, where, position_gate)
+
+    def _clamp(self, h: Tensor, a_union: Tensor, full: Tensor | None, err: Tensor | None, where: Tensor,
+               position_gate: Tensor) -> Tensor:
+        """Set the clamp latents to -c at ``where``; positions outside ``position_gate`` stay exactly h."""
+        g = self.g
         cidx = self._clamp_idx.to(h.device)
         a_clamp = a_union[..., cidx]
         new = torch.where(where[..., None], torch.full_like(a_clamp, -g.c), a_clamp)
         clamped = a_union.clone()
         clamped[..., cidx] = new
         clamped = self.hook_clamped(clamped)
-        if not bool(gated.any()):
+        if not bool(position_gate.any()):
             return h
         if g.path == "fast":
             W_dec = g.slice.W_dec[cidx].to(h.dtype)
@@ -293,7 +433,7 @@ class GuardrailModule(HookedRootModule):
             full = full.clone()
             full[..., g.clamp.to(h.device)] = clamped[..., cidx]
             out = g.sae.decode(full) + err
-        return torch.where(gated[:, None, None], out, h)
+        return torch.where(position_gate[..., None], out, h)
 
     def install(self, model) -> None:
         hp = model.mod_dict.get(self.g.hook_name) if hasattr(model, "mod_dict") else None
@@ -329,4 +469,5 @@ class GuardrailModule(HookedRootModule):
             del self._parent.dsg
         self.__dict__["_parent"] = self.__dict__["_hook_point"] = None
         self._batch = None
+        self.session = None
         model.setup()
