@@ -10,11 +10,14 @@ from pathlib import Path
 DEFAULT_CONFIG = "configs/demo.yaml"
 
 
-def _offline_defaults() -> None:
-    """Default to offline hub and W&B when the user has not chosen (world commands need no hub)."""
-    for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
-                 ("HF_HUB_DISABLE_TELEMETRY", "1"), ("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"),
-                 ("TOKENIZERS_PARALLELISM", "false")):
+def _offline_defaults(hub: bool) -> None:
+    """Default W&B to offline, and the Hugging Face hub to offline for commands that need no hub (the world ones),
+    whenever the user has not chosen. ``dsg-tl paper`` leaves the hub variables alone so hub names load."""
+    defaults = [("WANDB_MODE", "offline"), ("WANDB_SILENT", "true"), ("TOKENIZERS_PARALLELISM", "false")]
+    if not hub:
+        defaults += [("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"),
+                     ("HF_HUB_DISABLE_TELEMETRY", "1")]
+    for k, v in defaults:
         os.environ.setdefault(k, v)
 
 
@@ -58,7 +61,7 @@ def cmd_world_build(args) -> None:
     art = build_or_load_world(cfg.world, args.cache, rebuild=args.rebuild)
     m = art.metrics
     print(f"world at {art.path}")
-    print(f"build timings (s): " + ", ".join(f"{k}={v:.1f}" for k, v in m["timings_s"].items()))
+    print("build timings (s): " + ", ".join(f"{k}={v:.1f}" for k, v in m["timings_s"].items()))
     s = m["sae"]
     print(f"LM final loss {m['lm_final_loss']:.3f}; SAE {art.sae.cfg.architecture()} d_sae={art.sae.cfg.d_sae} at "
           f"{art.hook_name}: FVE {s['fve']:.3f}, L0 {s['l0']:.1f}, dead {s['dead_fraction']:.3f}, "
@@ -191,6 +194,19 @@ def cmd_bench(args) -> None:
     print(f"wrote {Path(args.out) / 'bench.json'}")
 
 
+def cmd_paper(args) -> None:
+    from dsg_tl.config import load_config, override
+    from dsg_tl.paper import PaperConfig, run_paper
+
+    cfg = load_config(args.config, PaperConfig)
+    if args.set:
+        cfg = override(cfg, {k.strip(): _parse_value(v) for k, v in (i.split("=", 1) for i in args.set)})
+    res = run_paper(cfg, args.out, args.cache)
+    print(f"wrote {Path(args.out) / 'results.json'}")
+    for name, r in (res.get("methods") or {}).items():
+        print(f"{name:<16} {r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsg-tl", description="Dynamic SAE Guardrails on TransformerLens + sae-lens.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -223,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(d)
     d.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     d.set_defaults(func=cmd_demo)
+    pp = sub.add_parser("paper", help="the paper's protocol on a real model + SAE (configs/wmdp_*_gemma2_2b.yaml, muse)")
+    pp.add_argument("--config", required=True, help="a PaperConfig YAML, e.g. configs/wmdp_bio_gemma2_2b.yaml")
+    pp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value (repeatable)")
+    pp.add_argument("--cache", default=None, help="cache directory for statistics")
+    pp.add_argument("--out", default="runs/paper")
+    pp.set_defaults(func=cmd_paper)
     b = sub.add_parser("bench", help="time bare vs reference- vs fast-guarded forwards (world, Gemma-2-2B widths)")
     _common(b)
     b.add_argument("--out", default="runs/bench")
@@ -241,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _offline_defaults()
     args = build_parser().parse_args(argv)
+    _offline_defaults(hub=args.command == "paper")
     from dsg_tl.config import ConfigError
 
     try:

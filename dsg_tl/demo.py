@@ -9,12 +9,12 @@ from typing import Literal
 
 import torch
 
+from dsg_tl.calibrate import calibrate, encode_texts
 from dsg_tl.config import POSITIVE, config_hash, dataclass, field, save_config, to_dict
 from dsg_tl.evaluation.domains import GROUPS, domain_groups, evaluate_groups, summarize
 from dsg_tl.evaluation.mcq import evaluate_mcq
 from dsg_tl.pipeline import DSGConfig, DSGFit, fit_dsg, method_guardrails, world_corpora
 from dsg_tl.selection import select_features
-from dsg_tl.calibrate import calibrate, encode_texts
 from dsg_tl.utils import write_json
 from dsg_tl.world.build import WorldConfig, build_or_load_world, default_cache_dir
 from dsg_tl.world.facts import DOMAINS

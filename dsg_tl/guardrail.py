@@ -86,6 +86,7 @@ class LatentSlice:
         )
 
     def encode(self, h: Float[Tensor, "... d_model"]) -> Float[Tensor, "... k"]:
+        h = h.to(self.W_enc.dtype)  # a bfloat16 model with a float32 slice (or the reverse) is fine
         x = h - self.b_dec if self.apply_b_dec_to_input else h
         pre = x @ self.W_enc + self.b_enc
         if self.threshold is None:
@@ -427,8 +428,8 @@ class GuardrailModule(HookedRootModule):
         if not bool(position_gate.any()):
             return h
         if g.path == "fast":
-            W_dec = g.slice.W_dec[cidx].to(h.dtype)
-            out = h + (clamped[..., cidx] - a_clamp) @ W_dec
+            W_dec = g.slice.W_dec[cidx]
+            out = h + ((clamped[..., cidx] - a_clamp).to(W_dec.dtype) @ W_dec).to(h.dtype)
         else:
             full = full.clone()
             full[..., g.clamp.to(h.device)] = clamped[..., cidx]

@@ -296,36 +296,16 @@ def _cap_per_subject(items: list[MCQItem], cap: int | None) -> list[MCQItem]:
 # --------------------------------------------------------------------------------------------------- WMDP
 
 
-class _Float32Logits:
-    """The model, except that calling it returns float32 logits (every other attribute is the model's own).
-
-    Adapter for ``score_letter``, which writes the model's log-probabilities into a float32 tensor and fails on a
-    bfloat16 / float16 model (index_put with mismatched dtypes). Costs one float32 copy of the logits per batch.
-    Guardrails attach through it to the wrapped model (``mod_dict``, ``get_submodule``, ``setup`` are delegated).
-    """
-
-    def __init__(self, model):
-        self.__dict__["model"] = model
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__["model"], name)
-
-    def __call__(self, *args, **kwargs):
-        out = self.__dict__["model"](*args, **kwargs)
-        return out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
-
-
 def _evaluate_wmdp(model, fit: DSGFit, guardrails: dict[str, Guardrail], cfg: PaperConfig,
                    progress: bool) -> dict:
     tok = model.tokenizer
-    scorer = model if model.cfg.dtype == torch.float32 else _Float32Logits(model)
     forget_prompt = paper_prompt(tok, WMDP_CONFIG[cfg.task])
     mmlu_prompt = paper_prompt(tok, None)  # each MMLU item's own subject
 
     def score(items, g, prompt_fn, desc):
         if progress and items:
             print(f"[paper] {desc}: {len(items)} prompts", flush=True)
-        return score_letter(scorer, items, guardrail=g, batch_size=cfg.batch_size, prompt_fn=prompt_fn,
+        return score_letter(model, items, guardrail=g, batch_size=cfg.batch_size, prompt_fn=prompt_fn,
                             progress=progress)
 
     forget_all = load_wmdp(cfg.questions, cfg.questions_split, config=WMDP_CONFIG[cfg.task])

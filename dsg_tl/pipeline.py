@@ -14,7 +14,8 @@ from typing import Literal
 import torch
 
 from dsg_tl.calibrate import calibrate, encode_texts
-from dsg_tl.config import FRACTION, PERCENT, POSITIVE, config_hash, dataclass as config_dataclass, field
+from dsg_tl.config import FRACTION, PERCENT, POSITIVE, config_hash, field
+from dsg_tl.config import dataclass as config_dataclass
 from dsg_tl.data.corpora import chunk_token_ids
 from dsg_tl.gate import GateReport
 from dsg_tl.guardrail import Guardrail

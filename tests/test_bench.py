@@ -1,8 +1,8 @@
 """`dsg-tl bench` machinery on a tiny model (timings are reported by the command, never asserted)."""
 
 import torch
-
 from _tiny import jumprelu_sae, tiny_model
+
 from dsg_tl.bench import bench_model
 
 

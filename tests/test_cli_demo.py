@@ -4,8 +4,8 @@ import json
 
 import pytest
 import yaml
-
 from conftest import MICRO_WORLD
+
 from dsg_tl.cli import main
 
 

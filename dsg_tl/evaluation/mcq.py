@@ -121,7 +121,7 @@ def score_cloze(
             for row, i in enumerate(idx):
                 q_len, c_len = spans[i]
                 targets = batch.tokens[row, q_len : q_len + c_len]
-                scores[i] = logp[row, q_len - 1 : q_len + c_len - 1].gather(-1, targets[:, None]).sum()
+                scores[i] = logp[row, q_len - 1 : q_len + c_len - 1].gather(-1, targets[:, None]).sum().float()
             if handle is not None and handle.last_gate is not None:
                 gated[idx] = handle.last_gate.cpu()
     n_choices = len(items[0].choices) if items else 0
@@ -169,7 +169,7 @@ def score_letter(
             last = batch.attention_mask.sum(-1) - 1
             logp = logits[torch.arange(len(idx)), last].log_softmax(-1)
             for j, forms in enumerate(letter_ids):
-                scores[idx, j] = logp[:, forms].max(-1).values
+                scores[idx, j] = logp[:, forms].max(-1).values.float()
             if handle is not None and handle.last_gate is not None:
                 gated[idx] = handle.last_gate.cpu()
     return MCQResult(scores, torch.tensor([it.answer for it in items]), gated if guardrail is not None else None)

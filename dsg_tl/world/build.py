@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from dsg_tl.config import config_hash, dataclass as config_dataclass, field, save_config, to_dict
+from dsg_tl.config import config_hash, field, save_config, to_dict
+from dsg_tl.config import dataclass as config_dataclass
 from dsg_tl.utils import atomic_dir, file_sha256, versions, write_json
 from dsg_tl.world.facts import GENERATOR_VERSION, FactsConfig, World, build_world
 from dsg_tl.world.tokenizer import load_tokenizer, train_tokenizer
@@ -164,8 +165,8 @@ def verify_cache(directory: Path) -> bool:
 
 
 def _load(cfg: WorldConfig, directory: Path) -> WorldArtifacts:
-    from safetensors.torch import load_file
     from sae_lens import SAE
+    from safetensors.torch import load_file
 
     tok = load_tokenizer(directory / "tokenizer")
     model = _new_model(cfg, tok)

@@ -18,7 +18,8 @@ import itertools
 import random
 from dataclasses import dataclass
 
-from dsg_tl.config import POSITIVE, dataclass as config_dataclass, field
+from dsg_tl.config import POSITIVE, field
+from dsg_tl.config import dataclass as config_dataclass
 from dsg_tl.data.types import MCQItem
 
 # Bump when the generator's output changes for the same config: it is part of the world cache key.
