@@ -100,7 +100,7 @@ def _fit(args):
     corpora = world_corpora(art.world, cfg.forget_domain, seed=cfg.dsg.seed,
                             calibration_unit=cfg.dsg.calibration_unit)
     fit = fit_dsg(art.model, art.sae, corpora, cfg.dsg, cache_dir=Path(args.cache or default_cache_dir()),
-                  model_id=art.path.name)
+                  model_id=f"{art.path.name}/{art.sae_path.name}")
     return cfg, art, fit
 
 

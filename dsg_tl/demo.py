@@ -163,7 +163,7 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, cache_dir: str | Path | None 
     art = build_or_load_world(cfg.world, cache)
     timings["world"] = time.perf_counter() - t0
     model, sae, world = art.model, art.sae, art.world
-    model_id = art.path.name
+    model_id = f"{art.path.name}/{art.sae_path.name}"
     echo(f"world: {art.path} (SAE {sae.cfg.architecture()} d_sae={sae.cfg.d_sae} at {art.hook_name}; "
          f"FVE {art.metrics['sae']['fve']:.3f})")
 
@@ -207,7 +207,8 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, cache_dir: str | Path | None 
         "gate": fit.gate.to_dict(),
         "selection": {**fit.selection.summary(), "random_control_latents": fit.random_latents.tolist()},
         "sweep": points,
-        "world": {"path": str(art.path), "sae": art.metrics["sae"], "hook_name": art.hook_name},
+        "world": {"path": str(art.path), "sae_path": str(art.sae_path), "sae": art.metrics["sae"],
+                  "hook_name": art.hook_name},
         "timings_s": timings,
         "formula_variant": cfg.dsg.formula,
         "main_split": main_split,

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from dsg_tl.config import ConfigError, from_dict, load_config
-from dsg_tl.world.build import WorldConfig, build_or_load_world, verify_cache, world_dir
+from dsg_tl.world.build import WorldConfig, build_or_load_world, sae_dir, verify_cache, world_dir
 from dsg_tl.world.facts import (
     ATTRIBUTES,
     DOMAINS,
@@ -98,7 +98,7 @@ def test_micro_world_builds_and_loads_through_the_tokenizer_path(micro_world):
     toks = micro_world.model.to_tokens("The host of")
     assert toks[0, 0].item() == tok.bos_token_id
     assert (micro_world.path / "tokenizer" / "tokenizer.json").is_file()
-    assert (micro_world.path / "sae" / "cfg.json").is_file()
+    assert (micro_world.sae_path / "cfg.json").is_file() and micro_world.sae_path.parent == micro_world.path
     s = micro_world.metrics["sae"]
     assert {"fve", "l0", "dead_fraction", "ce_increase"} <= set(s)
     assert micro_world.sae.cfg.metadata.hook_name == micro_world.hook_name
@@ -123,11 +123,23 @@ def test_cache_reuse_corruption_and_config_change(micro_world_config, tmp_path):
     rebuilt = build_or_load_world(cfg, tmp_path)
     assert verify_cache(d) and rebuilt.path == d
 
-    # truncated directory (manifest gone, as after an interrupted copy)
-    (d / "manifest.json").unlink()
-    shutil.rmtree(d / "sae")
+    # truncated SAE directory (a file gone, as after an interrupted copy): only the SAE is rebuilt
+    lm_stamp = (d / "manifest.json").stat().st_mtime_ns
+    s = sae_dir(cfg, tmp_path)
+    (s / "sae_weights.safetensors").unlink()
     build_or_load_world(cfg, tmp_path)
-    assert verify_cache(d)
+    assert verify_cache(s) and (d / "manifest.json").stat().st_mtime_ns == lm_stamp
+
+    # another SAE config reuses the language model and adds its own SAE directory
+    other_sae = override(cfg, {"sae.d_sae": 32})
+    art = build_or_load_world(other_sae, tmp_path)
+    assert art.path == d and art.sae_path != s and art.sae.cfg.d_sae == 32
+    assert (d / "manifest.json").stat().st_mtime_ns == lm_stamp
+
+    # the LM manifest gone: everything under it is rebuilt
+    (d / "manifest.json").unlink()
+    build_or_load_world(cfg, tmp_path)
+    assert verify_cache(d) and verify_cache(s)
 
     # a different config lands in a different directory
     other = override(cfg, {"facts.seed": 1})
@@ -145,7 +157,11 @@ def test_failed_build_leaves_nothing(micro_world_config, tmp_path, monkeypatch):
     monkeypatch.setattr(build, "train_sae", boom)
     with pytest.raises(RuntimeError, match="interrupted"):
         build_or_load_world(micro_world_config, tmp_path)
-    assert list(tmp_path.iterdir()) == []
+    # the finished language model stays (complete and verified); the SAE directory was never created
+    d = world_dir(micro_world_config, tmp_path)
+    assert list(tmp_path.iterdir()) == [d] and verify_cache(d)
+    assert not sae_dir(micro_world_config, tmp_path).exists()
+    assert not [p for p in d.iterdir() if p.name.startswith(".")]  # no temporary directories left
 
 
 def test_metrics_and_config_written(micro_world):

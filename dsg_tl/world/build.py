@@ -57,7 +57,8 @@ class WorldArtifacts:
     model: object  # HookedSAETransformer
     sae: object  # sae_lens SAE
     metrics: dict
-    path: Path
+    path: Path  # the language-model directory
+    sae_path: Path  # the SAE directory inside it
 
     @property
     def hook_name(self) -> str:
@@ -66,10 +67,6 @@ class WorldArtifacts:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DSG_TL_CACHE", ".dsg_cache"))
-
-
-def world_dir(cfg: WorldConfig, cache_dir: str | Path | None = None) -> Path:
-    return Path(cache_dir or default_cache_dir()) / f"world-{config_hash(cfg, GENERATOR_VERSION)}"
 
 
 def tokenizer_texts(world: World) -> list[str]:
@@ -111,40 +108,50 @@ def sae_quality(model, sae, rows: torch.Tensor, acts: torch.Tensor, pad_id: int)
     }
 
 
-def _build(cfg: WorldConfig, out: Path) -> dict:
+def _rows(world: World, tok, cfg: WorldConfig) -> torch.Tensor:
+    docs = [tok(d, add_special_tokens=False)["input_ids"] for d in world.all_texts()]
+    return pack_documents(docs, cfg.model.n_ctx, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
+                          cfg.model.seed)
+
+
+def _build_lm(cfg: WorldConfig, out: Path) -> dict:
+    """Tokenizer + language model into ``out``."""
+    from safetensors.torch import save_file
+
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     world = build_world(cfg.facts)
     train_tokenizer(tokenizer_texts(world), cfg.vocab_size, out / "tokenizer")
     tok = load_tokenizer(out / "tokenizer")
     timings["tokenizer_s"] = time.perf_counter() - t0
-
     t0 = time.perf_counter()
-    docs = [tok(d, add_special_tokens=False)["input_ids"] for d in world.all_texts()]
-    rows = pack_documents(docs, cfg.model.n_ctx, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id,
-                          cfg.model.seed)
+    rows = _rows(world, tok, cfg)
     torch.manual_seed(cfg.model.seed)
     model = _new_model(cfg, tok)
     losses = train_language_model(model, rows, cfg.model, tok.pad_token_id)
-    from safetensors.torch import save_file
-
     (out / "model").mkdir()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model" / "model.safetensors"))
     timings["model_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    acts = collect_activations(model, rows, cfg.sae.hook_name, tok.pad_token_id)
-    sae = train_sae(acts, cfg.sae)
-    sae.save_model(str(out / "sae"))
-    timings["sae_s"] = time.perf_counter() - t0
-    quality = sae_quality(model, sae, rows, acts, tok.pad_token_id)
     return {"timings_s": timings, "lm_final_loss": sum(losses[-20:]) / len(losses[-20:]),
-            "lm_loss_curve": losses[:: max(1, len(losses) // 100)], "sae": quality,
+            "lm_loss_curve": losses[:: max(1, len(losses) // 100)],
             "n_train_rows": int(rows.shape[0]), "n_train_tokens": int((rows != tok.pad_token_id).sum())}
 
 
+def _build_sae(cfg: WorldConfig, model, world: World, out: Path) -> dict:
+    """The SAE on the language model's activations into ``out``."""
+    tok = model.tokenizer
+    t0 = time.perf_counter()
+    rows = _rows(world, tok, cfg)
+    acts = collect_activations(model, rows, cfg.sae.hook_name, tok.pad_token_id)
+    sae = train_sae(acts, cfg.sae)
+    sae.save_model(str(out))
+    quality = sae_quality(model, sae, rows, acts, tok.pad_token_id)
+    return {"timings_s": {"sae_s": time.perf_counter() - t0}, "sae": quality}
+
+
 def _write_manifest(directory: Path) -> None:
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST
+                   and not p.relative_to(directory).parts[0].startswith("sae-"))  # SAEs have their own manifest
     manifest = {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files}
     write_json(directory / MANIFEST, manifest)
 
@@ -164,41 +171,76 @@ def verify_cache(directory: Path) -> bool:
     return True
 
 
-def _load(cfg: WorldConfig, directory: Path) -> WorldArtifacts:
-    from sae_lens import SAE
+def lm_key(cfg: WorldConfig) -> str:
+    return config_hash(cfg.facts, cfg.vocab_size, cfg.model, GENERATOR_VERSION)
+
+
+def world_dir(cfg: WorldConfig, cache_dir: str | Path | None = None) -> Path:
+    """``<cache>/world-<hash of facts, vocabulary, model>``; its SAEs live in ``sae-<hash of the SAE config>``."""
+    return Path(cache_dir or default_cache_dir()) / f"world-{lm_key(cfg)}"
+
+
+def sae_dir(cfg: WorldConfig, cache_dir: str | Path | None = None) -> Path:
+    return world_dir(cfg, cache_dir) / f"sae-{config_hash(cfg.sae)}"
+
+
+def _ensure(directory: Path, build, rebuild: bool) -> None:
+    """Build ``directory`` atomically (with a manifest) unless a verified copy exists."""
+    if directory.exists() and (rebuild or not verify_cache(directory)):
+        if not rebuild:
+            log.warning("cache %s is incomplete or corrupted; rebuilding it", directory)
+        shutil.rmtree(directory)
+    if directory.exists():
+        return
+    t0 = time.perf_counter()
+    with atomic_dir(directory) as tmp:
+        metrics = build(tmp)
+        metrics["timings_s"]["build_total_s"] = time.perf_counter() - t0
+        metrics["versions"] = versions()
+        write_json(tmp / "metrics.json", metrics)
+        _write_manifest(tmp)
+
+
+def _load_lm(cfg: WorldConfig, directory: Path):
     from safetensors.torch import load_file
 
     tok = load_tokenizer(directory / "tokenizer")
     model = _new_model(cfg, tok)
     model.load_state_dict(load_file(str(directory / "model" / "model.safetensors")))
-    model.eval()
-    sae = SAE.load_from_disk(str(directory / "sae"), device="cpu").eval()
-    metrics = json.loads((directory / "metrics.json").read_text())
-    return WorldArtifacts(cfg, build_world(cfg.facts), model, sae, metrics, directory)
+    return model.eval()
 
 
 def build_or_load_world(cfg: WorldConfig, cache_dir: str | Path | None = None, *, rebuild: bool = False) -> WorldArtifacts:
-    """Load the world for ``cfg`` from the cache, building it (atomically) when absent, corrupted or ``rebuild``."""
+    """Load the world for ``cfg`` from the cache, building what is absent, corrupted or asked to ``rebuild``.
+
+    Two levels: the tokenizer + language model (keyed by facts, vocabulary and model config), and inside it one
+    directory per SAE config, so trying another SAE never retrains the language model.
+    """
+    from sae_lens import SAE
+
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
-    directory = world_dir(cfg, cache_dir)
-    if directory.exists() and (rebuild or not verify_cache(directory)):
-        if not rebuild:
-            log.warning("world cache %s is incomplete or corrupted; rebuilding it", directory)
-        shutil.rmtree(directory)
-    if not directory.exists():
-        t0 = time.perf_counter()
-        with atomic_dir(directory) as tmp:
-            metrics = _build(cfg, tmp)
-            metrics["timings_s"]["build_total_s"] = time.perf_counter() - t0
-            metrics["versions"] = versions()
-            metrics["config_hash"] = config_hash(cfg, GENERATOR_VERSION)
-            metrics["generator_version"] = GENERATOR_VERSION
-            write_json(tmp / "metrics.json", metrics)
-            save_config(cfg, tmp / "config.yaml")
-            write_json(tmp / "facts.json", [f.__dict__ for f in build_world(cfg.facts).facts])
-            _write_manifest(tmp)
-    art = _load(cfg, directory)
-    return art
+    lm_path, sae_path = world_dir(cfg, cache_dir), sae_dir(cfg, cache_dir)
+    world = build_world(cfg.facts)
+
+    def build_lm(tmp: Path) -> dict:
+        m = _build_lm(cfg, tmp)
+        m["config_hash"] = lm_key(cfg)
+        m["generator_version"] = GENERATOR_VERSION
+        save_config(cfg, tmp / "config.yaml")
+        write_json(tmp / "facts.json", [f.__dict__ for f in world.facts])
+        return m
+
+    _ensure(lm_path, build_lm, rebuild)  # an invalid or rebuilt LM directory takes its SAEs with it
+    model = _load_lm(cfg, lm_path)
+    _ensure(sae_path, lambda tmp: _build_sae(cfg, model, world, tmp), rebuild=False)
+    sae = SAE.load_from_disk(str(sae_path), device="cpu").eval()
+    lm_metrics = json.loads((lm_path / "metrics.json").read_text())
+    sae_metrics = json.loads((sae_path / "metrics.json").read_text())
+    timings = {**lm_metrics["timings_s"], **{k: v for k, v in sae_metrics["timings_s"].items() if k != "build_total_s"}}
+    timings["lm_build_total_s"] = lm_metrics["timings_s"].get("build_total_s")
+    timings["sae_build_total_s"] = sae_metrics["timings_s"].get("build_total_s")
+    metrics = {**lm_metrics, "sae": sae_metrics["sae"], "timings_s": timings}
+    return WorldArtifacts(cfg, world, model, sae, metrics, lm_path, sae_path)
 
 
-__all__ = ["WorldConfig", "WorldArtifacts", "build_or_load_world", "world_dir", "verify_cache", "to_dict"]
+__all__ = ["WorldConfig", "WorldArtifacts", "build_or_load_world", "world_dir", "sae_dir", "verify_cache", "to_dict"]
