@@ -149,7 +149,8 @@ def cmd_evaluate(args) -> None:
         groups = domain_groups(art.world, split, cfg.forget_domain)
         results[split] = {
             "base": summarize(evaluate_groups(art.model, groups, mode=cfg.eval.mode)),
-            "guardrail": summarize(evaluate_groups(art.model, groups, mode=cfg.eval.mode, guardrail=g)),
+            "guardrail": summarize(evaluate_groups(art.model, groups, mode=cfg.eval.mode, guardrail=g,
+                                                   gate_scope=cfg.eval.gate_scope)),
         }
         for name, r in results[split].items():
             print(f"{split:<15} {name:<10} " + "  ".join(f"{k} {v['accuracy']:.3f}" for k, v in r.items()))

@@ -26,6 +26,7 @@ class EvalConfig:
     splits: tuple[str, ...] = ("train_frames", "heldout_frames")
     correct_subset: bool = False
     batch_size: int = field(default=64, metadata=POSITIVE)
+    gate_scope: Literal["question", "sequence"] = "sequence"  # cloze: what the gate's rho counts
 
     def __post_init__(self) -> None:
         bad = [s for s in self.splits if s not in ("train_frames", "heldout_frames")]
@@ -35,7 +36,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    c: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
+    c: tuple[float, ...] = (2.5, 5.0, 10.0, 20.0)
     n_features: tuple[int, ...] = (10, 20, 40)
 
 
@@ -82,7 +83,8 @@ def base_correct_subset(model, items, mode, batch_size, cache_dir: Path, model_i
 def _eval_methods(model, groups, guardrails, ecfg: EvalConfig) -> dict:
     out = {"base": summarize(evaluate_groups(model, groups, mode=ecfg.mode, batch_size=ecfg.batch_size))}
     for name, g in guardrails.items():
-        out[name] = summarize(evaluate_groups(model, groups, mode=ecfg.mode, guardrail=g, batch_size=ecfg.batch_size))
+        out[name] = summarize(evaluate_groups(model, groups, mode=ecfg.mode, guardrail=g, batch_size=ecfg.batch_size,
+                                              gate_scope=ecfg.gate_scope))
     return out
 
 
@@ -103,7 +105,7 @@ def sweep_points(model, sae, fit: DSGFit, corpora, groups, cfg: DemoConfig, prog
         g, report, _ = calibrate(model, g0, calibration=calib, heldout=held, forget=forget, p_dyn=cfg.dsg.p_dyn)
         for c in cfg.sweep.c:
             res = summarize(evaluate_groups(model, groups, mode=cfg.eval.mode, guardrail=g.with_(c=c),
-                                            batch_size=cfg.eval.batch_size))
+                                            batch_size=cfg.eval.batch_size, gate_scope=cfg.eval.gate_scope))
             points.append({"n_features": n, "c": c, "tau": g.tau, **_accuracies(res)})
             if progress:
                 progress(points[-1])

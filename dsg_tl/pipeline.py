@@ -29,9 +29,9 @@ class DSGConfig:
     """Hyperparameters of Dynamic SAE Guardrails (paper defaults where they make sense on the world)."""
 
     n_features: int = field(default=20, metadata=POSITIVE)
-    p_ratio: float = field(default=95.0, metadata=PERCENT)
+    p_ratio: float = field(default=90.0, metadata=PERCENT)
     p_dyn: float = field(default=95.0, metadata=PERCENT)
-    c: float = field(default=20.0, metadata=POSITIVE)
+    c: float = field(default=5.0, metadata=POSITIVE)
     formula: Literal["fisher", "mean_squared"] = "fisher"
     clamp_positions: Literal["active", "all"] = "active"
     chunk_len: int = field(default=64, metadata={"check": (lambda v: v >= 4, "must be >= 4")})

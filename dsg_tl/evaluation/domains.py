@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from dsg_tl.data.types import MCQItem
-from dsg_tl.evaluation.mcq import MCQResult, ScoringMode, evaluate_mcq
+from dsg_tl.evaluation.mcq import GateScope, MCQResult, ScoringMode, evaluate_mcq
 from dsg_tl.world.facts import RETAIN_DOMAINS, World
 
 GROUPS = ("forget", "retain", "adjacent")
@@ -22,8 +22,8 @@ def domain_groups(world: World, split: str, forget_domain: str = "hazard",
 
 
 def evaluate_groups(model, groups: dict[str, Sequence[MCQItem]], *, mode: ScoringMode = "cloze",
-                    guardrail=None, batch_size: int = 64) -> dict[str, MCQResult]:
-    return {name: evaluate_mcq(model, items, mode, guardrail=guardrail, batch_size=batch_size)
+                    guardrail=None, batch_size: int = 64, gate_scope: GateScope = "question") -> dict[str, MCQResult]:
+    return {name: evaluate_mcq(model, items, mode, guardrail=guardrail, batch_size=batch_size, gate_scope=gate_scope)
             for name, items in groups.items()}
 
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 LETTERS = "ABCDEFGH"
 ScoringMode = Literal["cloze", "letter"]
+GateScope = Literal["question", "sequence"]
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,13 @@ def _forward(model, batch: TokenBatch, handle) -> Tensor:
 @torch.no_grad()
 def score_cloze(
     model, items: Sequence[MCQItem], *, guardrail: Guardrail | None = None, batch_size: int = 64,
-    progress: bool = False,
+    progress: bool = False, gate_scope: GateScope = "question",
 ) -> MCQResult:
-    """Sum of log p(choice tokens | BOS + question) for each choice."""
+    """Sum of log p(choice tokens | BOS + question) for each choice.
+
+    ``gate_scope``: the gate's rho counts the question only ("question": one decision per item) or the whole
+    question + choice sequence ("sequence": the input as the model sees it; one decision per choice).
+    """
     tok = model.tokenizer
     special = _special_ids(tok)
     seqs: list[list[int]] = []
@@ -115,8 +120,8 @@ def score_cloze(
         starts = range(0, len(order), batch_size)
         for b in tqdm(starts, desc="cloze MCQ", disable=not progress):
             idx = order[b : b + batch_size]
-            batch = pad_batch([seqs[i] for i in idx], tok.pad_token_id, special_ids=special,
-                              gate_lengths=[spans[i][0] for i in idx])
+            gate_lengths = [spans[i][0] for i in idx] if gate_scope == "question" else None
+            batch = pad_batch([seqs[i] for i in idx], tok.pad_token_id, special_ids=special, gate_lengths=gate_lengths)
             logp = _forward(model, batch, handle).log_softmax(-1)
             for row, i in enumerate(idx):
                 q_len, c_len = spans[i]
@@ -128,7 +133,7 @@ def score_cloze(
     return MCQResult(
         choice_scores=scores.view(len(items), n_choices),
         answers=torch.tensor([it.answer for it in items], dtype=torch.long),
-        gated=gated.view(len(items), n_choices)[:, 0] if guardrail is not None else None,
+        gated=gated.view(len(items), n_choices).any(-1) if guardrail is not None else None,
     )
 
 
@@ -177,10 +182,11 @@ def score_letter(
 
 def evaluate_mcq(
     model, items: Sequence[MCQItem], mode: ScoringMode = "cloze", *, guardrail: Guardrail | None = None,
-    batch_size: int = 64, progress: bool = False,
+    batch_size: int = 64, progress: bool = False, gate_scope: GateScope = "question",
 ) -> MCQResult:
     if mode == "cloze":
-        return score_cloze(model, items, guardrail=guardrail, batch_size=batch_size, progress=progress)
+        return score_cloze(model, items, guardrail=guardrail, batch_size=batch_size, progress=progress,
+                           gate_scope=gate_scope)
     if mode == "letter":
         return score_letter(model, items, guardrail=guardrail, batch_size=max(1, batch_size // 4), progress=progress)
     raise ValueError(f"unknown scoring mode {mode!r} (use 'cloze' or 'letter')")

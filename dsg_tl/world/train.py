@@ -37,11 +37,11 @@ class ModelConfig:
 class SAETrainConfig:
     """The SAE trained on ``blocks.{layer}.hook_resid_post``."""
 
-    architecture: Literal["standard", "jumprelu", "topk"] = "topk"
-    layer: int = field(default=2, metadata={"check": (lambda v: v >= 0, "must be >= 0")})
-    d_sae: int = field(default=1024, metadata=POSITIVE)
+    architecture: Literal["standard", "jumprelu", "topk"] = "standard"
+    layer: int = field(default=1, metadata={"check": (lambda v: v >= 0, "must be >= 0")})
+    d_sae: int = field(default=2048, metadata=POSITIVE)
     k: int = field(default=16, metadata=POSITIVE)  # topk only
-    l1_coefficient: float = 5.0  # standard only
+    l1_coefficient: float = 2.5  # standard only
     l0_coefficient: float = 1.0  # jumprelu only
     epochs: int = field(default=6, metadata=POSITIVE)
     batch_tokens: int = field(default=1024, metadata=POSITIVE)
