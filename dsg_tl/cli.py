@@ -166,13 +166,32 @@ def cmd_demo(args) -> None:
 
 
 def cmd_doctor(args) -> None:
-    from dsg_tl.models import doctor
-    from dsg_tl.world.build import build_or_load_world
+    """Check a (model, SAE, layer) triple: the world's by default, or --model/--sae (hub names or local dirs)."""
+    from dsg_tl.models import ModelSpec, SAESpec, doctor, load_model, load_sae
 
-    cfg = load_demo_config(args)
-    art = build_or_load_world(cfg.world, args.cache)
-    texts = list(art.world.documents["geography"][:64])
-    report = doctor(art.model, art.sae, texts, c=cfg.dsg.c)
+    if args.model or args.sae:
+        if not (args.model and args.sae):
+            raise SystemExit("dsg-tl doctor: give both --model and --sae (or neither, for the world)")
+        from dsg_tl.data.corpora import load_texts
+
+        model = load_model(ModelSpec(name=args.model, device=args.device, dtype=args.dtype))
+        sae_spec = (SAESpec(path=args.sae, device=args.device, dtype=args.dtype) if Path(args.sae).exists()
+                    else SAESpec(release=args.sae.split(":", 1)[0], sae_id=args.sae.split(":", 1)[1],
+                                 device=args.device, dtype=args.dtype))
+        sae = load_sae(sae_spec, model)  # fails loudly when d_in or the hook does not fit the model
+        if not args.texts:
+            raise SystemExit("dsg-tl doctor: --texts FILE (jsonl/raw lines) is needed with --model/--sae")
+        texts = load_texts(args.texts, max_docs=64)
+        c = args.c
+    else:
+        from dsg_tl.world.build import build_or_load_world
+
+        cfg = load_demo_config(args)
+        art = build_or_load_world(cfg.world, args.cache)
+        model, sae = art.model, art.sae
+        texts = list(art.world.documents["geography"][:64])
+        c = args.c if args.c is not None else cfg.dsg.c
+    report = doctor(model, sae, texts, c=c if c is not None else 500.0)
     for k, v in report.to_dict().items():
         print(f"{k:>14}: {v}")
 
@@ -259,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench)
     dr = sub.add_parser("doctor", help="check the (model, SAE, layer) triple: FVE, CE increase, norms vs c")
     _common(dr)
+    dr.add_argument("--model", help="hub name or local Hugging Face directory (default: the world's model)")
+    dr.add_argument("--sae", help="local sae-lens directory, or RELEASE:SAE_ID (e.g. "
+                                  "gemma-scope-2b-pt-res:layer_3/width_16k/average_l0_142)")
+    dr.add_argument("--texts", help="texts to check on (jsonl with 'text' or raw lines), with --model/--sae")
+    dr.add_argument("--c", type=float, default=None, help="clamp value to compare with activation norms")
+    dr.add_argument("--device", default="cpu")
+    dr.add_argument("--dtype", default="float32")
     dr.set_defaults(func=cmd_doctor)
     return p
 

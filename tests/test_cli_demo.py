@@ -84,3 +84,18 @@ def test_demo_writes_results_plot_and_wandb_run(micro_config, tmp_path):
     assert (out / "config.yaml").is_file()
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_doctor_on_a_local_model_and_sae(tmp_path, capsys):
+    import standins
+
+    model_dir = standins.build_llama(tmp_path / "model")
+    sae_dir = standins.build_sae(tmp_path / "sae")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the cat sat on the mat\nhello world again\n")
+    assert main(["doctor", "--model", str(model_dir), "--sae", str(sae_dir), "--texts", str(texts), "--c", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "fve" in out and "ce_increase" in out and "warnings" in out
+    wrong = standins.build_sae(tmp_path / "wrong", d_in=32)
+    with pytest.raises(ValueError, match="d_in"):
+        main(["doctor", "--model", str(model_dir), "--sae", str(wrong), "--texts", str(texts)])
