@@ -50,27 +50,28 @@ def bench_model(model, sae, latents: torch.Tensor, tokens: torch.Tensor, *, repe
     fast = base.with_(tau=tau, path="fast")
     ref = base.with_(tau=tau, path="reference")
 
-    def bare():
+    def forward():
         model(batch.tokens, attention_mask=batch.attention_mask)
 
-    def guarded(g):
-        def run():
-            with g.attach(model) as h:
-                h.set_batch(batch)
-                model(batch.tokens, attention_mask=batch.attention_mask)
-        return run
+    def timed(g) -> float:
+        """One forward, timed; attaching and detaching the hooks happen outside the timed region."""
+        if g is None:
+            return _time(forward, sync)
+        with g.attach(model) as h:
+            h.set_batch(batch)
+            return _time(forward, sync)
 
-    runs = {"base": bare, "reference": guarded(ref), "fast": guarded(fast)}
+    runs = {"base": None, "reference": ref, "fast": fast}
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(warmup):
-        for fn in runs.values():
-            fn()
-    for i in range(repeats):
+        for g in runs.values():
+            timed(g)
+    for i in range(repeats):  # interleaved round-robin, alternating order
         order = list(runs.items())
         if i % 2:
             order.reverse()
-        for name, fn in order:
-            times[name].append(_time(fn, sync))
+        for name, g in order:
+            times[name].append(timed(g))
     med = {k: statistics.median(v) for k, v in times.items()}
     out = {"base_ms": med["base"], "reference_ms": med["reference"], "fast_ms": med["fast"],
            "reference_overhead": med["reference"] / med["base"] - 1, "fast_overhead": med["fast"] / med["base"] - 1,
