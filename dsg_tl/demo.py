@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -237,4 +236,4 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, cache_dir: str | Path | None 
     return results
 
 
-__all__ = ["DemoConfig", "EvalConfig", "SweepConfig", "run_demo", "replace"]
+__all__ = ["DemoConfig", "EvalConfig", "SweepConfig", "run_demo"]

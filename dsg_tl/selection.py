@@ -91,15 +91,14 @@ def frequency_matched_random(
     gen = torch.Generator().manual_seed(seed)
     banned = set(selected.tolist()) | (set(exclude.tolist()) if exclude is not None else set())
     alive = [j for j in torch.argsort(freq).tolist() if j not in banned and freq[j] > 0]
-    rank = {j: i for i, j in enumerate(alive)}
+    alive_freq = freq[torch.tensor(alive, dtype=torch.long)].contiguous()
     chosen: list[int] = []
     for s in selected.tolist():
         # nearest-frequency neighbourhood of 10 candidates, one drawn at random
-        pos = int(torch.searchsorted(freq[torch.tensor(alive)].contiguous(), freq[s]))
+        pos = int(torch.searchsorted(alive_freq, freq[s]))
         lo, hi = max(0, pos - 5), min(len(alive), pos + 5)
         pool = [alive[i] for i in range(lo, hi) if alive[i] not in chosen]
         if not pool:
             pool = [j for j in alive if j not in chosen]
         chosen.append(pool[int(torch.randint(len(pool), (1,), generator=gen))])
-    del rank
     return torch.tensor(chosen, dtype=torch.long)

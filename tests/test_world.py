@@ -1,7 +1,6 @@
 """The fictional-knowledge world: facts, corpus, MCQs, tokenizer, cache."""
 
 import json
-import shutil
 
 import pytest
 
