@@ -200,16 +200,16 @@ def attribution_scores(model, sae, hook_name: str, texts: Sequence[str], latents
     if n_targets == 0:
         raise ValueError("the texts have no content tokens")
     scores = torch.zeros(latents.numel(), dtype=torch.float64)
+    store: dict[str, Tensor] = {}
+
+    def splice(h: Tensor, hook) -> Tensor:
+        x = h.detach().to(sae.dtype)
+        a = sae.encode(x).detach().requires_grad_(True)
+        rec = sae.decode(a)
+        store["a"] = a
+        return (rec + (x - rec).detach()).to(h.dtype)
+
     for batch in _batches(model, seqs, batch_size):
-        store: dict[str, Tensor] = {}
-
-        def splice(h: Tensor, hook) -> Tensor:
-            x = h.detach().to(sae.dtype)
-            a = sae.encode(x).detach().requires_grad_(True)
-            rec = sae.decode(a)
-            store["a"] = a
-            return (rec + (x - rec).detach()).to(h.dtype)
-
         with torch.enable_grad(), model.hooks(fwd_hooks=[(hook_name, splice)]):
             logits = model(batch.tokens, attention_mask=batch.attention_mask, return_type="logits")
             s, _ = _nll_sum(logits, batch)
