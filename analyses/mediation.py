@@ -7,31 +7,18 @@ static clamp for the Fisher E[a^2] selection vs frequency-matched random latents
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from dsg_tl.analysis.mediation import attribution_vs_ablation, compare_selections, mediation_plot
-from dsg_tl.cli import DEFAULT_CONFIG, _offline_defaults, load_demo_config
+from dsg_tl.cli import analysis_args, world_fit
 from dsg_tl.evaluation.domains import domain_groups
-from dsg_tl.pipeline import fit_dsg, world_corpora
 from dsg_tl.utils import write_json
-from dsg_tl.world.build import build_or_load_world, default_cache_dir
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--set", action="append")
-    p.add_argument("--cache", default=None)
-    p.add_argument("--out", default="runs/mediation")
-    args = p.parse_args()
-    _offline_defaults(hub=False)
-    cfg = load_demo_config(args)
-    art = build_or_load_world(cfg.world, args.cache)
-    corpora = world_corpora(art.world, cfg.forget_domain, seed=cfg.dsg.seed, calibration_unit=cfg.dsg.calibration_unit)
-    fit = fit_dsg(art.model, art.sae, corpora, cfg.dsg, cache_dir=Path(args.cache or default_cache_dir()),
-                  model_id=f"{art.path.name}/{art.sae_path.name}")
+    args = analysis_args(__doc__, "runs/mediation")
+    cfg, art, corpora, fit = world_fit(args)
     groups = domain_groups(art.world, "train_frames", cfg.forget_domain)
     rows = compare_selections(art.model, art.sae, fit, corpora, n=cfg.dsg.n_features, seed=cfg.dsg.seed,
                               groups=groups, mcq_mode=cfg.eval.mode, batch_size=cfg.eval.batch_size)

@@ -7,7 +7,6 @@ likelihood-ratio check.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -15,25 +14,14 @@ import torch
 
 from dsg_tl.analysis.neyman_pearson import gate_analysis, statistic_separation
 from dsg_tl.calibrate import encode_texts, sequence_rho
-from dsg_tl.cli import DEFAULT_CONFIG, _offline_defaults, load_demo_config
-from dsg_tl.pipeline import fit_dsg, sentences, world_corpora
+from dsg_tl.cli import analysis_args, world_fit
+from dsg_tl.pipeline import sentences
 from dsg_tl.utils import write_json
-from dsg_tl.world.build import build_or_load_world, default_cache_dir
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=DEFAULT_CONFIG)
-    p.add_argument("--set", action="append")
-    p.add_argument("--cache", default=None)
-    p.add_argument("--out", default="runs/rho")
-    args = p.parse_args()
-    _offline_defaults(hub=False)
-    cfg = load_demo_config(args)
-    art = build_or_load_world(cfg.world, args.cache)
-    corpora = world_corpora(art.world, cfg.forget_domain, seed=cfg.dsg.seed, calibration_unit=cfg.dsg.calibration_unit)
-    fit = fit_dsg(art.model, art.sae, corpora, cfg.dsg, cache_dir=Path(args.cache or default_cache_dir()),
-                  model_id=f"{art.path.name}/{art.sae_path.name}")
+    args = analysis_args(__doc__, "runs/rho")
+    cfg, art, corpora, fit = world_fit(args)
     tok = art.model.tokenizer
     enc = lambda texts: encode_texts(tok, texts, cfg.dsg.calibration_max_len)  # noqa: E731
     rhos = dict(fit.rhos)

@@ -91,24 +91,32 @@ def cmd_world_eval(args) -> None:
         write_json(Path(args.out), {"world": str(art.path), "mode": cfg.eval.mode, "accuracy": rows})
 
 
-def _fit(args):
-    from dsg_tl.pipeline import fit_dsg, world_corpora
+def world_fit(args):
+    """Config, world, corpora and DSG fit for a command or analysis script with the common arguments."""
+    from dsg_tl.pipeline import fit_world
     from dsg_tl.world.build import build_or_load_world, default_cache_dir
 
     cfg = load_demo_config(args)
     art = build_or_load_world(cfg.world, args.cache)
-    corpora = world_corpora(art.world, cfg.forget_domain, seed=cfg.dsg.seed,
-                            calibration_unit=cfg.dsg.calibration_unit)
-    fit = fit_dsg(art.model, art.sae, corpora, cfg.dsg, cache_dir=Path(args.cache or default_cache_dir()),
-                  model_id=f"{art.path.name}/{art.sae_path.name}")
-    return cfg, art, fit
+    corpora, fit = fit_world(art, cfg.dsg, cfg.forget_domain, Path(args.cache or default_cache_dir()))
+    return cfg, art, corpora, fit
+
+
+def analysis_args(doc: str, default_out: str) -> argparse.Namespace:
+    """Arguments of an analyses/ script: the common ones plus --out; applies the offline defaults."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    _common(p)
+    p.add_argument("--out", default=default_out)
+    args = p.parse_args()
+    _offline_defaults(hub=False)
+    return args
 
 
 def cmd_select(args) -> None:
     from dsg_tl.config import save_config
     from dsg_tl.utils import write_json
 
-    cfg, art, fit = _fit(args)
+    cfg, art, _, fit = world_fit(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "selection.json", {**fit.selection.summary(), "explain": fit.selection.explain()})
@@ -125,7 +133,7 @@ def cmd_calibrate(args) -> None:
     from dsg_tl.config import save_config
     from dsg_tl.utils import write_json
 
-    cfg, art, fit = _fit(args)
+    cfg, art, _, fit = world_fit(args)
     out = Path(args.out)
     fit.guardrail.save(out / "guardrail")
     write_json(out / "gate.json", fit.gate.to_dict())

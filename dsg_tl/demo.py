@@ -12,7 +12,7 @@ from dsg_tl.calibrate import calibrate, encode_texts
 from dsg_tl.config import POSITIVE, config_hash, dataclass, field, save_config, to_dict
 from dsg_tl.evaluation.domains import GROUPS, domain_groups, evaluate_groups, summarize
 from dsg_tl.evaluation.mcq import evaluate_mcq
-from dsg_tl.pipeline import DSGConfig, DSGFit, fit_dsg, method_guardrails, world_corpora
+from dsg_tl.pipeline import DSGConfig, DSGFit, fit_world, method_guardrails
 from dsg_tl.selection import select_features
 from dsg_tl.utils import write_json
 from dsg_tl.world.build import WorldConfig, build_or_load_world, default_cache_dir
@@ -164,13 +164,12 @@ def run_demo(cfg: DemoConfig, out_dir: str | Path, cache_dir: str | Path | None 
     art = build_or_load_world(cfg.world, cache)
     timings["world"] = time.perf_counter() - t0
     model, sae, world = art.model, art.sae, art.world
-    model_id = f"{art.path.name}/{art.sae_path.name}"
+    model_id = art.model_id
     echo(f"world: {art.path} (SAE {sae.cfg.architecture()} d_sae={sae.cfg.d_sae} at {art.hook_name}; "
          f"FVE {art.metrics['sae']['fve']:.3f})")
 
-    corpora = world_corpora(world, cfg.forget_domain, seed=cfg.dsg.seed, calibration_unit=cfg.dsg.calibration_unit)
     t0 = time.perf_counter()
-    fit = fit_dsg(model, sae, corpora, cfg.dsg, cache_dir=cache, model_id=model_id)
+    corpora, fit = fit_world(art, cfg.dsg, cfg.forget_domain, cache)
     timings.update({f"fit_{k}": v for k, v in fit.timings_s.items()})
     timings["fit_total"] = time.perf_counter() - t0
     echo(f"selected {len(fit.selection.latents)} latents ({cfg.dsg.formula}); tau={fit.gate.tau:.4f} "

@@ -145,6 +145,14 @@ def fit_dsg(model, sae, corpora: Corpora, cfg: DSGConfig, *, cache_dir: Path | N
     return DSGFit(fs, rs, selection, g, report, rhos, rand, timings)
 
 
+def fit_world(art, cfg: DSGConfig, forget_domain: str, cache_dir: Path | None,
+              progress: bool = True) -> tuple[Corpora, DSGFit]:
+    """The world's corpora for ``forget_domain`` and the DSG fit on them (statistics cached under ``cache_dir``)."""
+    corpora = world_corpora(art.world, forget_domain, seed=cfg.seed, calibration_unit=cfg.calibration_unit)
+    fit = fit_dsg(art.model, art.sae, corpora, cfg, cache_dir=cache_dir, model_id=art.model_id, progress=progress)
+    return corpora, fit
+
+
 def method_guardrails(fit: DSGFit) -> dict[str, Guardrail]:
     """The guardrails compared in the demo: DSG, static clamping, and the random-latent control (same gate and clamp
     positions, N frequency-matched random latents clamped instead of the selected ones)."""
@@ -156,4 +164,5 @@ def method_guardrails(fit: DSGFit) -> dict[str, Guardrail]:
     }
 
 
-__all__ = ["DSGConfig", "Corpora", "world_corpora", "fit_dsg", "DSGFit", "method_guardrails", "ScoreFormula"]
+__all__ = ["DSGConfig", "Corpora", "world_corpora", "fit_dsg", "fit_world", "DSGFit", "method_guardrails",
+           "ScoreFormula"]

@@ -64,6 +64,11 @@ class WorldArtifacts:
     def hook_name(self) -> str:
         return self.config.sae.hook_name
 
+    @property
+    def model_id(self) -> str:
+        """Identifies the (language model, SAE) pair, for cache keys of anything computed from both."""
+        return f"{self.path.name}/{self.sae_path.name}"
+
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DSG_TL_CACHE", ".dsg_cache"))
