@@ -4,7 +4,9 @@ For each sequence in a batch:
   a_S   = activations of the gate latents S (and of the clamp latents C, usually C = S)
   fire  = content tokens where any gate latent is > 0
   rho   = fraction of gate-counted tokens that fire           (see dsg_tl.gate)
+          (or the statistic of the guardrail's gate variant ``gate: GateSpec``: windowed, per_turn, hybrid)
   gated = rho > tau   (mode "dynamic")   |   True   (mode "static": the Farrell et al. baseline)
+          (hybrid: rho > tau OR count >= gate.k_min)
   at clamp positions (``active``: where ``fire``; ``all``: every content token) of gated sequences, set every clamp
   latent to -c, decode, and add back the SAE error term; ungated sequences pass through unchanged (h' = h exactly).
 
@@ -28,6 +30,8 @@ Each new token is clamped iff the gate over the sequence so far (including that 
 keep the decision of their own step (with a KV cache their keys/values were computed under it; without a cache,
 ``kv_cache=False``, the module re-applies the recorded per-position decisions to the recomputed prefix), so the
 cached and uncached loops compute the same thing. A sequence can become gated, or stop being gated, as it grows.
+Sessions support the fraction gate only (the running counts are its sufficient statistic); other gate variants
+raise NotImplementedError when a session starts.
 ``handle.gate_history`` / ``handle.rho_history`` hold one [batch] tensor per forward of the session.
 """
 
@@ -46,7 +50,7 @@ from torch import Tensor
 from transformer_lens.hook_points import HookedRootModule, HookPoint
 
 from dsg_tl.batching import TokenBatch
-from dsg_tl.gate import rho as rho_fn
+from dsg_tl.gate import GateSpec, gate_decision, gate_statistic
 
 Mode = Literal["dynamic", "static"]
 ClampPositions = Literal["active", "all"]
@@ -118,6 +122,7 @@ class Guardrail:
     clamp_positions: ClampPositions = "active"
     clamp_latents: Int[Tensor, " m"] | None = None  # default: the gate latents
     path: Path_ = "fast"
+    gate: GateSpec = field(default_factory=GateSpec)  # which statistic the gate thresholds (default: fraction)
     sae: Any = field(default=None, repr=False, compare=False)  # full SAE (reference path / TopK)
     slice: LatentSlice | None = field(default=None, repr=False, compare=False)
     meta: dict = field(default_factory=dict, compare=False)
@@ -127,6 +132,10 @@ class Guardrail:
             raise ValueError(f"mode must be 'dynamic' or 'static', got {self.mode!r}")
         if self.clamp_positions not in ("active", "all"):
             raise ValueError(f"clamp_positions must be 'active' or 'all', got {self.clamp_positions!r}")
+        if isinstance(self.gate, dict):
+            object.__setattr__(self, "gate", GateSpec.from_dict(self.gate))
+        if not isinstance(self.gate, GateSpec):
+            raise TypeError(f"gate must be a GateSpec, got {type(self.gate).__name__}")
         if self.sae is None and self.slice is None:
             raise ValueError("a Guardrail needs an SAE or a saved latent slice")
         if self.slice is None:
@@ -160,15 +169,29 @@ class Guardrail:
 
     # ---------------------------------------------------------------- the computation
     def gate_and_fire(
-        self, a_gate: Float[Tensor, "batch pos n"], content: Bool[Tensor, "batch pos"], rho_mask: Bool[Tensor, "batch pos"]
+        self, a_gate: Float[Tensor, "batch pos n"], content: Bool[Tensor, "batch pos"], rho_mask: Bool[Tensor, "batch pos"],
+        tokens: Int[Tensor, "batch pos"] | None = None,
     ) -> tuple[Bool[Tensor, "batch pos"], Float[Tensor, " batch"], Bool[Tensor, " batch"]]:
-        fire = (a_gate > 0).any(-1) & content
-        r = rho_fn(fire, rho_mask)
-        return fire, r, self.decide(r)
+        """(fire, the gate statistic, gated); ``tokens`` are needed by the per_turn gate only."""
+        fire, r, _, gated = self.gate_fire_count(a_gate, content, rho_mask, tokens)
+        return fire, r, gated
 
-    def decide(self, r: Float[Tensor, " batch"]) -> Bool[Tensor, " batch"]:
-        """The gate decision from rho: rho > tau (dynamic) or always (static)."""
-        return r > self.tau if self.mode == "dynamic" else torch.ones_like(r, dtype=torch.bool)
+    def gate_fire_count(
+        self, a_gate: Float[Tensor, "batch pos n"], content: Bool[Tensor, "batch pos"], rho_mask: Bool[Tensor, "batch pos"],
+        tokens: Int[Tensor, "batch pos"] | None = None,
+    ) -> tuple[Bool[Tensor, "batch pos"], Float[Tensor, " batch"], Int[Tensor, " batch"], Bool[Tensor, " batch"]]:
+        """(fire, statistic, raw count of firing counted tokens, gated)."""
+        fire = (a_gate > 0).any(-1) & content
+        r, count = gate_statistic(self.gate, fire, rho_mask, tokens)
+        return fire, r, count, self.decide(r, count)
+
+    def decide(self, r: Float[Tensor, " batch"], count: Tensor | None = None) -> Bool[Tensor, " batch"]:
+        """The gate decision from the statistic: r > tau (hybrid: or count >= k_min) if dynamic; always if static."""
+        if self.mode != "dynamic":
+            return torch.ones_like(r, dtype=torch.bool)
+        if count is None:
+            return r > self.tau
+        return gate_decision(self.gate, self.tau, r, count)
 
     def clamp_mask(self, fire: Tensor, content: Tensor, gated: Tensor) -> Bool[Tensor, "batch pos"]:
         where = fire if self.clamp_positions == "active" else content
@@ -190,7 +213,7 @@ class Guardrail:
             save_file(tensors, str(tmp / "guardrail.safetensors"))
             spec = {"format_version": FORMAT_VERSION, "hook_name": self.hook_name, "tau": self.tau, "c": self.c,
                     "mode": self.mode, "clamp_positions": self.clamp_positions, "path": self.path,
-                    "has_slice": slice_ is not None, "meta": self.meta, "versions": versions()}
+                    "gate": self.gate.to_dict(), "has_slice": slice_ is not None, "meta": self.meta, "versions": versions()}
             (tmp / "guardrail.json").write_text(json.dumps(spec, indent=2, default=str))
         return directory
 
@@ -215,7 +238,8 @@ class Guardrail:
         return cls(hook_name=spec["hook_name"], gate_latents=t["gate_latents"], tau=spec["tau"], c=spec["c"],
                    mode=spec["mode"], clamp_positions=spec["clamp_positions"],
                    clamp_latents=None if torch.equal(clamp, t["gate_latents"]) else clamp,
-                   path=path, sae=sae, slice=slice_, meta=spec.get("meta", {}))
+                   path=path, gate=GateSpec.from_dict(spec.get("gate")), sae=sae, slice=slice_,
+                   meta=spec.get("meta", {}))
 
     # ---------------------------------------------------------------- attach
     @contextmanager
@@ -261,7 +285,9 @@ class GuardrailModule(HookedRootModule):
         self.session: GenerationState | None = None  # set while a generation() session is active
         self._last_session: GenerationState | None = None
         self.last_gate: Tensor | None = None
-        self.last_rho: Tensor | None = None
+        self.last_rho: Tensor | None = None  # the gate statistic (rho for the fraction gate)
+        self.last_count: Tensor | None = None  # raw count of firing counted tokens (outside sessions)
+        self.last_fire: Tensor | None = None  # [batch, pos] firing counted tokens of the last forward
         self.gate_history: list[Tensor] = []  # one [batch] bool tensor per forward of the last session
         self.rho_history: list[Tensor] = []
         # plain attributes (not submodules): the model owns these
@@ -292,6 +318,10 @@ class GuardrailModule(HookedRootModule):
         """
         if self.session is not None:
             raise RuntimeError("a generation session is already active on this guardrail")
+        if self.g.gate.kind != "fraction":
+            raise NotImplementedError(
+                f"generation sessions support the fraction gate only (running counts); this guardrail's gate is "
+                f"{self.g.gate.kind!r}. Gate the prompt with a plain forward, or use gate=GateSpec('fraction')")
         b = prompt.tokens.shape[0]
         dev = prompt.tokens.device
         self.session = GenerationState(
@@ -378,11 +408,13 @@ class GuardrailModule(HookedRootModule):
         content, rho_mask = self._masks(h)
         a_union, full, err = self._encode_union(h)
         a_union = self.hook_latents(a_union)
-        fire, r, gated = g.gate_and_fire(a_union[..., self._gate_idx.to(h.device)], content, rho_mask)
+        tokens = None if self._batch is None else self._batch.tokens.to(h.device)
+        fire, r, count, gated = g.gate_fire_count(a_union[..., self._gate_idx.to(h.device)], content, rho_mask, tokens)
         fire = self.hook_fire(fire)
         r = self.hook_rho(r)
         gated = self.hook_gate(gated)
         self.last_gate, self.last_rho = gated.detach(), r.detach()
+        self.last_count, self.last_fire = count.detach(), fire.detach()
         where = g.clamp_mask(fire, content, gated)
         return self._clamp(h, a_union, full, err, where, gated[:, None].expand(where.shape))
 

@@ -22,6 +22,10 @@ norm, so for the last layer it is *not* ``hidden_states[-1]`` of GPT-2, which ha
 ``blocks.L.hook_resid_pre`` is the input of decoder layer L. An SAE trained on a TransformerLens model loaded *with*
 processing (folded layer norms, centred weights) reads a different basis and must not be used here.
 
+Gate variants (``Guardrail.gate``: fraction, windowed, per_turn, hybrid) use the same ``dsg_tl.gate`` functions as
+the TransformerLens path; per_turn needs the token ids (from the call's ``input_ids``, or a TokenBatch / ``input_ids``
+given to ``set_batch``) and raises without them.
+
 Not supported: incremental decoding with a KV cache (each step would see only its new tokens, so rho would be
 computed over the wrong tokens; such a call raises) and guardrails without a latent slice (TopK SAEs).
 """
@@ -134,6 +138,8 @@ class HFGuardrailHandle:
         self._slices: dict[tuple, Any] = {}
         self._explicit: tuple[Tensor, Tensor] | None = None  # (content, rho_mask) from set_batch
         self._auto: tuple[Tensor, Tensor] | None = None  # derived from the current model call
+        self._explicit_ids: Tensor | None = None  # token ids for the per_turn gate (from set_batch)
+        self._auto_ids: Tensor | None = None  # token ids of the current model call
         self.last_gate: Tensor | None = None
         self.last_rho: Tensor | None = None
         self.last_fire: Tensor | None = None
@@ -148,12 +154,14 @@ class HFGuardrailHandle:
         attended tokens minus the first attended one of each row (taken to be BOS). ``gate_mask`` restricts rho.
         """
         if batch is None:
-            self._explicit = None
+            self._explicit = self._explicit_ids = None
             return
+        self._explicit_ids = input_ids
         if isinstance(batch, TokenBatch):
             if gate_mask is not None or input_ids is not None or content_mask is not None:
                 raise ValueError("set_batch(TokenBatch) takes no other masks (the batch carries them)")
             content, rho_mask = batch.content_mask, batch.rho_mask
+            self._explicit_ids = batch.tokens
         else:
             attn = batch.bool()
             if content_mask is not None:
@@ -186,7 +194,7 @@ class HFGuardrailHandle:
         ids = kwargs.get("input_ids", args[0] if args else None)
         attn = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         if not isinstance(ids, Tensor):
-            self._auto = None
+            self._auto = self._auto_ids = None
             return
         if ids.dim() == 1:
             ids = ids[None]
@@ -197,6 +205,7 @@ class HFGuardrailHandle:
             raise RuntimeError("the guardrail does not support incremental decoding with a KV cache: the gate needs "
                                "the whole sequence in one forward (run full forwards, e.g. use_cache=False)")
         self._auto = (content_mask_from_ids(ids, attn if isinstance(attn, Tensor) else None, self.special_ids),) * 2
+        self._auto_ids = ids
 
     # ------------------------------------------------------------------------------------------ the computation
     def _slice_for(self, h: Tensor):
@@ -215,7 +224,13 @@ class HFGuardrailHandle:
         s = self._slice_for(h)
         x = h.to(s.W_enc.dtype)
         a = s.encode(x)
-        fire, r, gated = g.gate_and_fire(a[..., self._gate_idx.to(h.device)], content, rho_mask)
+        tokens = None
+        if g.gate.kind == "per_turn":
+            tokens = self._explicit_ids if self._explicit is not None else self._auto_ids
+            if tokens is not None and tuple(tokens.shape) != tuple(content.shape):
+                raise ValueError(f"token ids of shape {tuple(tokens.shape)} for a forward of {tuple(content.shape)}")
+            tokens = None if tokens is None else tokens.to(h.device)
+        fire, r, gated = g.gate_and_fire(a[..., self._gate_idx.to(h.device)], content, rho_mask, tokens)
         self.last_fire, self.last_rho, self.last_gate = fire.detach(), r.detach(), gated.detach()
         if not bool(gated.any()):
             return h
@@ -248,12 +263,12 @@ class HFGuardrailHandle:
         """``model(input_ids, attention_mask=...)`` with masks from these ids (and ``gate_mask``, if given)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        previous = self._explicit
+        previous, previous_ids = self._explicit, self._explicit_ids
         self.set_batch(attention_mask, gate_mask, input_ids=input_ids)
         try:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
-            self._explicit = previous
+            self._explicit, self._explicit_ids = previous, previous_ids
 
     __call__ = forward
 
@@ -298,7 +313,7 @@ class HFGuardrail:
             for r in removables:
                 r.remove()
             module.__dict__.pop(_ATTACHED_ATTR, None)
-            handle._explicit = handle._auto = None
+            handle._explicit = handle._auto = handle._explicit_ids = handle._auto_ids = None
 
 
 def guarded_forward(model: nn.Module, guardrail: Guardrail | HFGuardrail, input_ids: Tensor,

@@ -17,7 +17,7 @@ from dsg_tl.calibrate import calibrate, encode_texts
 from dsg_tl.config import FRACTION, PERCENT, POSITIVE, config_hash, field
 from dsg_tl.config import dataclass as config_dataclass
 from dsg_tl.data.corpora import chunk_token_ids
-from dsg_tl.gate import GateReport
+from dsg_tl.gate import GateReport, GateSpec
 from dsg_tl.guardrail import Guardrail
 from dsg_tl.selection import FeatureSelection, ScoreFormula, frequency_matched_random, select_features
 from dsg_tl.stats import LatentStats, accumulate_stats
@@ -40,6 +40,10 @@ class DSGConfig:
     calibration_max_len: int = field(default=128, metadata=POSITIVE)
     calibration_unit: Literal["document", "sentence"] = "sentence"  # world only: what one gate sequence is
     seed: int = 0
+    # gate variant (dsg_tl.gate.GateSpec): the statistic the gate thresholds; calibrated at the same alpha
+    gate: Literal["fraction", "windowed", "per_turn", "hybrid"] = "fraction"
+    gate_window: int = field(default=16, metadata=POSITIVE)  # windowed: counted tokens per window
+    gate_separator: str = "\n"  # per_turn: the marker string between turns (must be one token)
 
 
 @dataclass(frozen=True)
@@ -135,7 +139,7 @@ def fit_dsg(model, sae, corpora: Corpora, cfg: DSGConfig, *, cache_dir: Path | N
     tok = model.tokenizer
     enc = lambda texts: encode_texts(tok, texts, cfg.calibration_max_len)  # noqa: E731
     g = Guardrail.from_selection(sae, selection.latents, tau=float("inf"), c=cfg.c,
-                                 clamp_positions=cfg.clamp_positions,
+                                 clamp_positions=cfg.clamp_positions, gate=gate_spec(cfg, tok),
                                  meta={"formula": cfg.formula, "n_features": cfg.n_features, "p_ratio": cfg.p_ratio,
                                        "p_dyn": cfg.p_dyn})
     g, report, rhos = calibrate(model, g, calibration=enc(corpora.calibration),
@@ -143,6 +147,18 @@ def fit_dsg(model, sae, corpora: Corpora, cfg: DSGConfig, *, cache_dir: Path | N
     timings["calibration"] = time.perf_counter() - t0
     rand = frequency_matched_random(fs.freq, selection.latents, seed=cfg.seed)
     return DSGFit(fs, rs, selection, g, report, rhos, rand, timings)
+
+
+def gate_spec(cfg: DSGConfig, tokenizer) -> GateSpec:
+    """The (uncalibrated) gate variant of ``cfg``; per_turn separates turns at the token of ``cfg.gate_separator``."""
+    sep: tuple[int, ...] = ()
+    if cfg.gate == "per_turn":
+        ids = tokenizer(cfg.gate_separator, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"dsg.gate_separator {cfg.gate_separator!r} must be exactly one token for a per_turn "
+                             f"gate; this tokenizer gives {ids}")
+        sep = (int(ids[0]),)
+    return GateSpec(kind=cfg.gate, window=cfg.gate_window, separator_ids=sep)
 
 
 def fit_world(art, cfg: DSGConfig, forget_domain: str, cache_dir: Path | None,
