@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dsg_tl.batching import pad_batch
-from dsg_tl.gate import GateReport, calibrate_hybrid, calibrate_tau, gate_report, gate_statistic
+from dsg_tl.gate import GateReport, GateSpec, calibrate_hybrid, calibrate_tau, gate_report, gate_statistic
 from dsg_tl.guardrail import Guardrail
 from dsg_tl.stats import layer_of
 
@@ -81,15 +81,74 @@ def sequence_gate_stats(
             count[idx] = handle.last_count.cpu()
         if long:
             fires = _window_fire(model, handle, [seqs[i] for i in long], ctx, stop, batch_size, progress)
-            for i, fire in zip(long, fires, strict=True):
-                s = torch.as_tensor(list(seqs[i]), dtype=torch.long)[None]
-                mask = ~torch.isin(s, torch.tensor(special, dtype=torch.long)) if special else torch.ones_like(s).bool()
-                mask[:, 0] = False  # BOS position
-                if gate_lengths is not None:
-                    mask[:, gate_lengths[i]:] = False
-                st, c = gate_statistic(guardrail.gate, fire[None], mask, s)
-                stat[i], count[i] = float(st[0]), int(c[0])
+    if long:
+        st, c = stats_from_fire(guardrail.gate, [seqs[i] for i in long],
+                                [(f, counted_mask(seqs[i], special, None if gate_lengths is None else gate_lengths[i]))
+                                 for i, f in zip(long, fires, strict=True)])
+        stat[long], count[long] = st, c
     return stat, count
+
+
+def counted_mask(seq: Sequence[int], special: Sequence[int], gate_length: int | None = None) -> torch.Tensor:
+    """The tokens the gate counts in one sequence: not BOS (position 0), not a special token, within gate_length."""
+    s = torch.as_tensor(list(seq), dtype=torch.long)
+    mask = ~torch.isin(s, torch.tensor(list(special), dtype=torch.long)) if special else torch.ones_like(s).bool()
+    mask[:1] = False
+    if gate_length is not None:
+        mask[gate_length:] = False
+    return mask
+
+
+def stats_from_fire(spec: GateSpec, seqs: Sequence[Sequence[int]],
+                    fire_masks: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(statistic, count) of ``spec`` from per-sequence (fire, counted mask) vectors (see :func:`sequence_fire`)."""
+    if not seqs:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    width = max(len(s) for s in seqs)
+    n = len(seqs)
+    fire = torch.zeros(n, width, dtype=torch.bool)
+    mask = torch.zeros(n, width, dtype=torch.bool)
+    tokens = torch.full((n, width), -1, dtype=torch.long)  # -1: padding, never a separator
+    for i, (s, (f, m)) in enumerate(zip(seqs, fire_masks, strict=True)):
+        fire[i, : len(s)], mask[i, : len(s)] = f, m
+        tokens[i, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+    return gate_statistic(spec, fire, mask, tokens)
+
+
+@torch.no_grad()
+def sequence_fire(
+    model, guardrail: Guardrail, seqs: Sequence[Sequence[int]], *, gate_lengths: Sequence[int] | None = None,
+    batch_size: int = 32, progress: bool = False, context: int | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(fire, counted mask) of each sequence: the per-token vectors every gate statistic is a function of.
+
+    Fire = any gate latent > 0 at a content token (the hook's ``hook_fire``); sequences longer than ``context``
+    (default ``model.cfg.n_ctx``) go through windows (module doc). :func:`stats_from_fire` gives any variant's
+    statistic from them without running the model again.
+    """
+    tok = model.tokenizer
+    special = _special(tok)
+    probe = guardrail.with_(tau=float("inf"), mode="dynamic")
+    stop = _stop_layer(model, guardrail)
+    ctx = int(context or getattr(model.cfg, "n_ctx", 10**9))
+    fires: list[torch.Tensor | None] = [None] * len(seqs)
+    short = sorted((i for i in range(len(seqs)) if len(seqs[i]) <= ctx), key=lambda i: len(seqs[i]))
+    long = [i for i in range(len(seqs)) if len(seqs[i]) > ctx]
+    with probe.attach(model) as handle:
+        for b in tqdm(range(0, len(short), batch_size), desc="fire", disable=not progress):
+            idx = short[b : b + batch_size]
+            batch = pad_batch([seqs[i] for i in idx], tok.pad_token_id, special_ids=special)
+            handle.set_batch(batch)
+            model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop)
+            f = handle.last_fire.cpu()
+            for row, i in enumerate(idx):
+                fires[i] = f[row, : len(seqs[i])].clone()
+        if long:
+            windowed = _window_fire(model, handle, [seqs[i] for i in long], ctx, stop, batch_size, progress)
+            for i, f in zip(long, windowed, strict=True):
+                fires[i] = f
+    return [(fires[i], counted_mask(seqs[i], special, None if gate_lengths is None else gate_lengths[i]))
+            for i in range(len(seqs))]
 
 
 def _window_fire(model, handle, seqs, ctx: int, stop, batch_size: int, progress: bool) -> list[torch.Tensor]:
@@ -103,15 +162,19 @@ def _window_fire(model, handle, seqs, ctx: int, stop, batch_size: int, progress:
             toks = list(s[start:end]) if start == 0 else bos + list(s[start:end])
             jobs.append((k, toks, first_new, len(toks) - (end - first_new)))
     fires = [torch.zeros(len(s), dtype=torch.bool) for s in seqs]
-    for b in tqdm(range(0, len(jobs), batch_size), desc="gate statistic (windows)", disable=not progress):
-        chunk = jobs[b : b + batch_size]
-        batch = pad_batch([j[1] for j in chunk], tok.pad_token_id, special_ids=special)
+    unique = list(dict.fromkeys(tuple(j[1]) for j in jobs))  # identical windows (shared prefixes) run once
+    computed: dict[tuple, torch.Tensor] = {}
+    for b in tqdm(range(0, len(unique), batch_size), desc="gate statistic (windows)", disable=not progress):
+        chunk = unique[b : b + batch_size]
+        batch = pad_batch(chunk, tok.pad_token_id, special_ids=special)
         handle.set_batch(batch)
         model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=stop)
         fire = handle.last_fire.cpu()
-        for row, (k, toks, first_new, off) in enumerate(chunk):
-            n_new = len(toks) - off
-            fires[k][first_new : first_new + n_new] = fire[row, off : off + n_new]
+        for row, toks in enumerate(chunk):
+            computed[toks] = fire[row, : len(toks)].clone()
+    for k, toks, first_new, off in jobs:
+        n_new = len(toks) - off
+        fires[k][first_new : first_new + n_new] = computed[tuple(toks)][off : off + n_new]
     return fires
 
 

@@ -11,7 +11,7 @@ import torch
 from _tiny import PAD, SPECIAL
 
 from dsg_tl.batching import pad_batch
-from dsg_tl.calibrate import _windows, calibrate, sequence_gate_stats, sequence_rho
+from dsg_tl.calibrate import _windows, calibrate, sequence_fire, sequence_gate_stats, sequence_rho, stats_from_fire
 from dsg_tl.gate import (
     GateSpec,
     calibrate_hybrid,
@@ -303,6 +303,21 @@ def test_long_sequences_go_through_windows():
     # a windowed gate sees the windows too: the max window fraction is at least the whole-sequence fraction
     w_stat, _ = sequence_gate_stats(model, _guardrail(GateSpec("windowed", window=8)), long)
     assert (w_stat >= stat_long - 1e-6).all()
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.kind)
+def test_stats_from_fire_match_the_hook(spec):
+    """Firing vectors computed once give every variant's statistic, equal to the hook's (short and long sequences)."""
+    seqs = SEQS + _tiny.random_seqs(2, seed=4, min_len=50, max_len=60, eos_every=0)
+    gl = [max(2, len(s) - 3) for s in seqs]
+    g = _guardrail(spec)
+    model = _tiny.tiny_model(tokenizer=True)
+    fm = sequence_fire(model, g, seqs, gate_lengths=gl, batch_size=4)
+    assert [len(f) for f, _ in fm] == [len(s) for s in seqs] and not any(m[0] for _, m in fm)
+    stat, count = stats_from_fire(g.gate, seqs, fm)
+    ref_stat, ref_count = sequence_gate_stats(model, g, seqs, gate_lengths=gl, batch_size=3)
+    torch.testing.assert_close(stat, ref_stat, atol=1e-6, rtol=0)
+    assert torch.equal(count, ref_count)
 
 
 # ================================================================================================ Hugging Face path
