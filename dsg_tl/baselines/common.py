@@ -197,9 +197,46 @@ def mean_nll(logp: Float[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"]) 
 # ------------------------------------------------------------------------------------------------ training
 
 
-def editable_copy(model, trainable: Callable[[str], bool] | None = None):
-    """A deep copy of ``model`` whose parameters named by ``trainable`` (all when None) require gradients."""
+class _HookInForward:
+    """``mlp.forward`` of a HookedSAETransformer MLP: the class forward applied after ``mlp.hook_in``.
+
+    An object (not a closure), so a deep copy of the model copies it along with the module it points to.
+    """
+
+    def __init__(self, mlp) -> None:
+        self.mlp = mlp
+
+    def __call__(self, x):
+        return type(self.mlp).forward(self.mlp, self.mlp.hook_in(x))
+
+
+def copy_model(model):
+    """An independent deep copy of a HookedTransformer / HookedSAETransformer.
+
+    ``copy.deepcopy`` alone is not enough for sae-lens's HookedSAETransformer: its constructor replaces each
+    ``mlp.forward`` by a closure over the ORIGINAL module (to add ``mlp.hook_in``), and deepcopy copies functions by
+    reference, so a plain copy's MLPs would run (and send gradients to) the original model's MLP weights. Every
+    instance-level ``forward`` is re-bound to the copy's own module; an unknown instance-level forward is an error.
+    """
     new = copy.deepcopy(model)
+    for name, mod in new.named_modules():
+        fwd = vars(mod).get("forward")
+        if fwd is None or isinstance(fwd, _HookInForward):
+            if isinstance(fwd, _HookInForward) and fwd.mlp is not mod:
+                mod.forward = _HookInForward(mod)
+            continue
+        if hasattr(mod, "hook_in") and getattr(fwd, "__qualname__", "").startswith("add_hook_in_to_mlp"):
+            mod.forward = _HookInForward(mod)
+        else:
+            raise TypeError(f"copy_model: module {name!r} has an instance-level forward {fwd!r} that a deep copy "
+                            f"would leave bound to the original model")
+    return new
+
+
+def editable_copy(model, trainable: Callable[[str], bool] | None = None):
+    """A deep copy of ``model`` (:func:`copy_model`) whose parameters named by ``trainable`` (all when None) require
+    gradients; the rest are frozen."""
+    new = copy_model(model)
     for name, p in new.named_parameters():
         p.requires_grad_(trainable is None or trainable(name))
     if not any(p.requires_grad for p in new.parameters()):
@@ -246,5 +283,14 @@ def model_device(model) -> torch.device:
 
 
 __all__ = ["TrainConfig", "UnlearnResult", "check_fields", "measure", "token_chunks", "batch_stream",
-           "content_mask", "token_logprobs", "target_mask", "sequence_logprob", "mean_nll", "editable_copy",
-           "train_loop", "seed_all", "model_device"]
+           "content_mask", "token_logprobs", "copy_model", "target_mask", "sequence_logprob", "mean_nll", "editable_copy",
+           "train_loop", "seed_all", "model_device", "config_grid"]
+
+
+def config_grid(base: Any, axes: dict[str, Sequence[Any]]) -> list[Any]:
+    """Every combination of ``axes`` values applied to ``base`` (a config dataclass), in row-major order."""
+    import itertools
+
+    names = list(axes)
+    return [dataclasses.replace(base, **dict(zip(names, values)))
+            for values in itertools.product(*(axes[n] for n in names))]
