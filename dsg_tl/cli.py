@@ -102,11 +102,14 @@ def world_fit(args):
     return cfg, art, corpora, fit
 
 
-def analysis_args(doc: str, default_out: str) -> argparse.Namespace:
-    """Arguments of an analyses/ script: the common ones plus --out; applies the offline defaults."""
+def analysis_args(doc: str, default_out: str, extra=None) -> argparse.Namespace:
+    """Arguments of an analyses/ script: the common ones plus --out (and ``extra(parser)``'s); applies the offline
+    defaults."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     _common(p)
     p.add_argument("--out", default=default_out)
+    if extra is not None:
+        extra(p)
     args = p.parse_args()
     _offline_defaults(hub=False)
     return args
