@@ -1,0 +1,1 @@
+"""Attacks on unlearning: relearning (fine-tuning on forget documents) and gate evasion."""
