@@ -238,6 +238,44 @@ def cmd_paper(args) -> None:
         print(f"{name:<16} {r}")
 
 
+DEFAULT_SWEEP_GRID = "configs/sweep_world.yaml"
+
+
+def cmd_sweep(args) -> None:
+    """Run a grid sweep locally (resumable), emit a W&B sweep YAML, or evaluate one point under `wandb agent`."""
+    from dsg_tl.config import load_config
+    from dsg_tl.sweep import SweepGrid, emit_wandb_sweep_config, run_agent_point, run_sweep
+
+    cfg = load_demo_config(args)
+    if args.grid == DEFAULT_SWEEP_GRID and not Path(args.grid).is_file():
+        raise SystemExit(f"dsg-tl sweep: {args.grid} not found (run inside the repository or pass --grid FILE)")
+    grid = load_config(args.grid, SweepGrid)
+    if args.emit_wandb_sweep:
+        command = ["dsg-tl", "sweep", "--agent", "--config", args.config, "--grid", args.grid, "--out", args.out]
+        for item in args.set or []:
+            command += ["--set", item]
+        if args.cache:
+            command += ["--cache", args.cache]
+        if args.group:
+            command += ["--group", args.group]
+        path = emit_wandb_sweep_config(grid, args.emit_wandb_sweep, command=command)
+        print(f"wrote {path} ({len(grid)} points); run it with: wandb sweep {path}  then  wandb agent SWEEP_ID")
+        return
+    if args.agent:
+        run_agent_point(cfg, grid, args.out, args.cache, group=args.group)
+        return
+    run_sweep(cfg, grid, args.out, args.cache, group=args.group)
+
+
+def cmd_report(args) -> None:
+    from dsg_tl.report import build_report, create_wandb_report
+
+    path = build_report(args.dir, args.out)
+    print(f"wrote {path}")
+    if args.wandb_report:
+        print(create_wandb_report(args.dir))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dsg-tl", description="Dynamic SAE Guardrails on TransformerLens + sae-lens.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -297,6 +335,22 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--device", default="cpu")
     dr.add_argument("--dtype", default="float32")
     dr.set_defaults(func=cmd_doctor)
+    sw = sub.add_parser("sweep", help="ablation grid over N, c, p_ratio, p_dyn, SAE layer, forget fraction "
+                                      "(resumable; one offline W&B run per point; Pareto and sensitivity plots)")
+    _common(sw)
+    sw.add_argument("--grid", default=DEFAULT_SWEEP_GRID, help=f"SweepGrid YAML (default: {DEFAULT_SWEEP_GRID})")
+    sw.add_argument("--out", default="runs/sweep", help="sweep directory (default: runs/sweep); reruns resume")
+    sw.add_argument("--group", default=None, help="W&B group (default: grid name + hash of config and grid)")
+    sw.add_argument("--emit-wandb-sweep", metavar="FILE", default=None,
+                    help="only write a W&B sweep YAML whose agent runs call `dsg-tl sweep --agent`")
+    sw.add_argument("--agent", action="store_true", help="evaluate the one point in wandb.config (under wandb agent)")
+    sw.set_defaults(func=cmd_sweep)
+    rp = sub.add_parser("report", help="one self-contained HTML report of a demo or sweep directory")
+    rp.add_argument("dir", help="a `dsg-tl demo` or `dsg-tl sweep` output directory")
+    rp.add_argument("--out", default=None, help="HTML file (default: DIR/report.html)")
+    rp.add_argument("--wandb-report", action="store_true",
+                    help="also create a W&B Report (only when W&B is online and wandb_workspaces is installed)")
+    rp.set_defaults(func=cmd_report)
     return p
 
 
