@@ -205,12 +205,31 @@ def calibrate(
     """
     stats = {name: sequence_gate_stats(model, guardrail, seqs, batch_size=batch_size)
              for name, seqs in (("calibration", calibration), ("heldout_retain", heldout), ("forget", forget))}
-    spec = guardrail.gate
+    return _thresholds(guardrail, guardrail.gate, stats, p_dyn, len(calibration))
+
+
+def _thresholds(guardrail: Guardrail, spec: GateSpec, stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                p_dyn: float, n_calibration: int) -> tuple[Guardrail, GateReport, dict[str, torch.Tensor]]:
     if spec.kind == "hybrid":
         k_min, tau = calibrate_hybrid(*stats["calibration"], alpha=1 - p_dyn / 100)
-        spec = type(spec)(kind="hybrid", window=spec.window, k_min=k_min, separator_ids=spec.separator_ids)
+        spec = GateSpec(kind="hybrid", window=spec.window, k_min=k_min, separator_ids=spec.separator_ids)
     else:
         tau = calibrate_tau(stats["calibration"][0], p_dyn)
-    report = gate_report(tau, p_dyn, len(calibration), stats["heldout_retain"][0], stats["forget"][0], spec=spec,
+    report = gate_report(tau, p_dyn, n_calibration, stats["heldout_retain"][0], stats["forget"][0], spec=spec,
                          heldout_count=stats["heldout_retain"][1], forget_count=stats["forget"][1])
     return guardrail.with_(tau=tau, gate=spec), report, {k: v[0] for k, v in stats.items()}
+
+
+def calibrate_variants(
+    model, guardrail: Guardrail, specs: dict[str, GateSpec], *, calibration: Sequence[Sequence[int]],
+    heldout: Sequence[Sequence[int]], forget: Sequence[Sequence[int]], p_dyn: float, batch_size: int = 32,
+) -> dict[str, tuple[Guardrail, GateReport, dict[str, torch.Tensor]]]:
+    """:func:`calibrate` for several gate variants of one guardrail (same latents): the firing vectors of the three
+    sets are computed once, each variant's statistic from them. {label: (guardrail, report, statistics)}."""
+    sets = {"calibration": calibration, "heldout_retain": heldout, "forget": forget}
+    fires = {k: sequence_fire(model, guardrail, v, batch_size=batch_size) for k, v in sets.items()}
+    out = {}
+    for label, spec in specs.items():
+        stats = {k: stats_from_fire(spec, sets[k], fires[k]) for k in sets}
+        out[label] = _thresholds(guardrail.with_(mode="dynamic"), spec, stats, p_dyn, len(calibration))
+    return out
