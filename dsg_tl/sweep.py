@@ -508,7 +508,8 @@ def run_agent_point(cfg: DemoConfig, grid: SweepGrid, out_dir: str | Path, cache
 
 def wandb_sweep_config(grid: SweepGrid, command: list[str]) -> dict:
     """A W&B sweep definition (method grid) over the grid's non-empty axes; the command runs ``dsg-tl sweep --agent``
-    (no ``${args}``: the agent's run reads the point from ``wandb.config``)."""
+    (no ``${args}``: the agent's run reads the point from ``wandb.config``). ``WANDB_MODE=online`` is set in the
+    command because dsg-tl defaults W&B to offline, and an offline run would not report back to the sweep."""
     params = {a: {"values": list(getattr(grid, a))} for a in AXES if getattr(grid, a)}
     if not params:
         raise ConfigError("sweep grid: no axis has values to sweep")
@@ -518,7 +519,7 @@ def wandb_sweep_config(grid: SweepGrid, command: list[str]) -> dict:
         "method": "grid",
         "metric": {"name": "retain_minus_forget", "goal": "maximize"},
         "parameters": params,
-        "command": ["${env}", *command],
+        "command": ["${env}", "WANDB_MODE=online", *command],
     }
 
 
