@@ -306,10 +306,11 @@ def plot_pareto(records: list[dict], path: str | Path, title: str) -> Path:
     fx, fy = [xs[i] for i in front], [ys[i] for i in front]
     ax.step(fx, fy, where="pre", color="crimson", lw=1.5, zorder=3)
     ax.scatter(fx, fy, s=80, facecolors="none", edgecolors="crimson", lw=1.5, zorder=4, label="Pareto front")
-    for i in front:
+    for k, i in enumerate(front):  # labels alternate right-below / left-above of the point
         p = records[i]["point"]
         ax.annotate(f"N={p['n_features']} c={p['c']:g} pd={p['p_dyn']:g}", (xs[i], ys[i]), fontsize=6,
-                    xytext=(4, -8), textcoords="offset points", color="crimson")
+                    xytext=(5, -9) if k % 2 == 0 else (-5, 5), ha="left" if k % 2 == 0 else "right",
+                    textcoords="offset points", color="crimson")
     ax.plot([1.0], [1.0], "k*", markersize=12, label="base model")
     base_forget = records[0]["metrics"].get("base_forget", 0.0) if records else 0.0
     if base_forget > 0:
@@ -338,6 +339,9 @@ def plot_sensitivity(records: list[dict], axes: list[str], path: str | Path, tit
             ax.fill_between(v, [r["q1"] for r in rows], [r["q3"] for r in rows], color=color, alpha=0.15)
         if axis == "c":
             ax.set_xscale("log")
+            ax.minorticks_off()
+        values = sorted({r["point"][axis] for r in records})
+        ax.set_xticks(values, [f"{v:g}" for v in values])
         ax.set_xlabel(axis)
         ax.set_ylim(-0.02, 1.1)
         ax.grid(alpha=0.3)
@@ -380,7 +384,8 @@ def redraw(sweep_dir: str | Path, which: tuple[str, ...] = ("pareto", "sensitivi
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `dsg-tl sweep --out {sweep_dir}` first")
     summary = json.loads(path.read_text())
-    title = f"DSG sweep {summary.get('group', '')}: {summary['n_points']} points"
+    title = (f"DSG sweep {summary.get('group', '')} ({summary.get('split', '?')}, "
+             f"forget={summary.get('forget_domain', '?')})")
     recs = summary["points"]
     out = {}
     if "pareto" in which:
@@ -451,8 +456,13 @@ def run_sweep(cfg: DemoConfig, grid: SweepGrid, out_dir: str | Path, cache_dir: 
     save_config(grid, out / "grid.yaml")
     t0 = time.perf_counter()
     with _TermAsInterrupt():
-        for point in tqdm(points, desc="sweep", unit="point"):
-            runner(point)
+        try:
+            for point in tqdm(points, desc="sweep", unit="point"):
+                runner(point)
+        except KeyboardInterrupt:
+            n_done = sum((runner.point_dir(i) / POINT_FILE).is_file() for i in ids)
+            echo(f"sweep interrupted: {n_done} of {len(points)} points complete in {out}; the same command resumes")
+            raise
     elapsed = time.perf_counter() - t0
     records = [json.loads((runner.point_dir(i) / POINT_FILE).read_text()) for i in ids]
     summary = summarize_sweep(records, grid)
