@@ -136,7 +136,7 @@ def test_token_chunks_match_stats_chunking(micro_world, texts):
         token_chunks(tok, ["a b"], 64)
 
 
-TRAIN = {"steps": 6, "batch_size": 4, "chunk_len": 16, "lr": 3e-3, "seed": 1}
+TRAIN = {"steps": 4, "batch_size": 2, "chunk_len": 16, "lr": 3e-3, "seed": 1}
 
 
 @pytest.mark.parametrize("method", ["rmu", "graddiff", "npo"])

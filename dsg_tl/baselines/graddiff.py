@@ -43,8 +43,9 @@ class GradDiffConfig(TrainConfig):
 
 PAPER_GRADDIFF = GradDiffConfig()
 PAPER_GRID: dict[str, tuple] = {"lr": (1e-5,), "steps": (400,), "retain_weight": (1.0,)}
-WORLD_GRADDIFF = GradDiffConfig(lr=3e-4, steps=40, batch_size=8, chunk_len=64)
-WORLD_GRID: dict[str, tuple] = {"lr": (1e-4, 3e-4), "steps": (20, 40, 80)}
+# World: lr 3e-4 for 40 steps took forget accuracy to 0.29 but retain to 0.79, so the grid stays below that.
+WORLD_GRADDIFF = GradDiffConfig(lr=1e-4, steps=20, batch_size=8, chunk_len=64)
+WORLD_GRID: dict[str, tuple] = {"steps": (10, 20, 40)}
 
 
 def graddiff_loss(nll_forget: Float[Tensor, ""], nll_retain: Float[Tensor, ""], forget_weight: float = 1.0,

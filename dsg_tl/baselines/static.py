@@ -28,7 +28,7 @@ class StaticConfig:
 
 # Farrell et al. / the DSG paper sweep the clamp value and N; the world grid is scaled like the DSG sweep.
 PAPER_GRID: dict[str, tuple] = {"n_features": (10, 20, 30), "c": (10.0, 50.0, 100.0, 500.0)}
-WORLD_GRID: dict[str, tuple] = {"n_features": (10, 20, 40), "c": (2.5, 5.0, 10.0, 20.0)}
+WORLD_GRID: dict[str, tuple] = {"n_features": (20, 40), "c": (5.0, 20.0)}
 
 
 def static_guardrail(fit: DSGFit, cfg: StaticConfig | None = None) -> Guardrail:
