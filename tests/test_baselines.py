@@ -184,3 +184,27 @@ def test_static_guardrail_is_the_ungated_dsg_guardrail(micro_world):
     g2 = static_guardrail(fit, StaticConfig(n_features=2, c=7.0))
     assert g2.mode == "static" and len(g2.gate_latents) == 2 and g2.c == 7.0
     assert set(g2.gate_latents.tolist()) <= set(fit.selection.latents.tolist())  # top 2 of the same ranking
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def test_best_under_retain_and_pareto_front():
+    from dsg_tl.baselines.report import best_under_retain, pareto_front
+
+    pts = [{"forget": 0.9, "retain": 1.0}, {"forget": 0.3, "retain": 0.97}, {"forget": 0.3, "retain": 0.99},
+           {"forget": 0.1, "retain": 0.90}, {"forget": 0.5, "retain": 0.95}]
+    # floor 0.98 * 1.0: points 0, 1, 2 qualify; lowest forget 0.3, tie broken by the higher retain
+    assert best_under_retain(pts, 1.0) == {"forget": 0.3, "retain": 0.99}
+    assert best_under_retain(pts, 1.0, ratio=0.9) == {"forget": 0.1, "retain": 0.90}
+    assert best_under_retain(pts, 2.0) is None
+    # point 1 (0.3 @ 0.97) is dominated by point 2 (0.3 @ 0.99); point 4 by point 1 and 2
+    assert pareto_front(pts) == [pts[3], pts[2], pts[0]]
+
+
+def test_methods_plot_writes_png(tmp_path):
+    from dsg_tl.baselines.report import methods_plot
+
+    path = methods_plot({"a": [{"forget": 0.5, "retain": 0.9}], "b": []}, {"forget": 0.9, "retain": 0.95},
+                        tmp_path / "p.png", "t")
+    assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG"
