@@ -254,3 +254,14 @@ def test_cli_sweep_emit_and_run(micro, tmp_path, capsys):
     bad.write_text("c: [0]\n")
     assert main(["sweep", "--config", str(cfg_path), "--grid", str(bad), "--out", out]) == 2
     assert "bad.yaml" in capsys.readouterr().err
+
+
+def test_sae_layer_axis_uses_an_sae_at_that_layer(micro, tmp_path):
+    cfg, cache = micro
+    assert cfg.world.sae.layer == 0
+    runner = PointRunner(cfg, tmp_path / "layers", cache, group="g")
+    m1 = runner({"sae_layer": 1, "n_features": 2})  # trains (once, cached) the micro SAE at blocks.1
+    pid = point_id(point_config(cfg, {"sae_layer": 1, "n_features": 2}))
+    res = json.loads((tmp_path / "layers" / "points" / pid / "result.json").read_text())
+    assert pid.startswith("L1_") and res["world"]["hook_name"] == "blocks.1.hook_resid_post"
+    assert res["config"]["world"]["sae"]["layer"] == 1 and 0 <= m1["forget"] <= 1
