@@ -89,6 +89,9 @@ def clamp_scan_plot(scan: dict, path: str | Path, title: str = "") -> Path:
                 ax.plot([r["c"] for r in dsg], [r["gate_floor"] for r in dsg], "k:", lw=1,
                         label="DSG floor (gate TPR, perfect clamp)")
         ax.set_xscale("log")
+        cs = sorted({r["c"] for r in scan["rows"]})
+        ax.set_xticks(cs, [f"{c:g}" for c in cs])
+        ax.minorticks_off()
         ax.set_xlabel("clamp value c")
         ax.set_ylabel(f"{group} accuracy")
         ax.set_title(f"{group}")
