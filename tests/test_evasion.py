@@ -130,8 +130,8 @@ def test_gate_sees_the_whole_input_beyond_the_context(micro_world, fit):
 def test_run_evasion_report(micro_world, fit):
     model = micro_world.model
     dsg, corpora = fit
-    cfg = EvasionConfig(dilution_lengths=(10, 100), split_turns=(2,), max_items=4, batch_size=16,
-                        windows=(4, 8))
+    cfg = EvasionConfig(dilution_lengths=(100,), split_turns=(2,), max_items=4, batch_size=16, windows=(4, 8),
+                        groups=("forget", "adjacent"))
     guardrails, infos = calibrated_variants(model, dsg.guardrail, corpora, cfg, p_dyn=80.0, max_len=64)
     assert set(guardrails) == {"fraction", "windowed4", "windowed8", "per_turn", "hybrid"}
     assert guardrails["fraction"].tau == pytest.approx(dsg.guardrail.tau)  # the same calibration as the fit
@@ -141,8 +141,8 @@ def test_run_evasion_report(micro_world, fit):
                          benign=corpora.heldout_retain, cfg=cfg, progress=False)
     assert isinstance(report, EvasionReport)
     names = [a.name for a in make_attacks(cfg)]
-    assert names == ["none", "paraphrase", "dilution_10", "dilution_100", "split2", "split2_filler"]
-    assert set(report.outcomes) == {"forget", "retain", "adjacent"}
+    assert names == ["none", "paraphrase", "dilution_100", "split2", "split2_filler"]
+    assert set(report.outcomes) == {"forget", "adjacent"}
     for group in report.outcomes.values():
         assert list(group) == names
         for row in group.values():
