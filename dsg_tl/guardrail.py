@@ -299,7 +299,21 @@ class GuardrailModule(HookedRootModule):
         col = {j: i for i, j in enumerate(cols)}
         self._gate_idx = torch.tensor([col[j] for j in g.gate_latents.tolist()], dtype=torch.long)
         self._clamp_idx = torch.tensor([col[j] for j in g.clamp.tolist()], dtype=torch.long)
+        # common case (clamp latents = gate latents = every encoded column): use the columns as they are, no gathers
+        every = list(range(len(cols)))
+        self._gate_all = sorted(self._gate_idx.tolist()) == every
+        self._clamp_all = sorted(self._clamp_idx.tolist()) == every
+        self._idx_device: dict = {}
         self.setup()
+
+    def _indices(self, device) -> tuple[Tensor, Tensor]:
+        """(gate, clamp) column indices on ``device`` (moved once per device)."""
+        if device not in self._idx_device:
+            self._idx_device[device] = (self._gate_idx.to(device), self._clamp_idx.to(device))
+        return self._idx_device[device]
+
+    def _gate_acts(self, a_union: Tensor) -> Tensor:
+        return a_union if self._gate_all else a_union[..., self._indices(a_union.device)[0]]
 
     # masks for the next forward passes
     def set_batch(self, batch: TokenBatch | None) -> None:
@@ -409,7 +423,7 @@ class GuardrailModule(HookedRootModule):
         a_union, full, err = self._encode_union(h)
         a_union = self.hook_latents(a_union)
         tokens = None if self._batch is None else self._batch.tokens.to(h.device)
-        fire, r, count, gated = g.gate_fire_count(a_union[..., self._gate_idx.to(h.device)], content, rho_mask, tokens)
+        fire, r, count, gated = g.gate_fire_count(self._gate_acts(a_union), content, rho_mask, tokens)
         fire = self.hook_fire(fire)
         r = self.hook_rho(r)
         gated = self.hook_gate(gated)
@@ -427,7 +441,7 @@ class GuardrailModule(HookedRootModule):
         a_union = self.hook_latents(a_union)
         # this forward's positions: only the new ones (KV cache, or the prompt), or the whole sequence so far
         content = new_content if (s.kv_cache or first) else torch.cat([s.content.to(h.device), new_content], 1)
-        fire = (a_union[..., self._gate_idx.to(h.device)] > 0).any(-1) & content
+        fire = (self._gate_acts(a_union) > 0).any(-1) & content
         fire = self.hook_fire(fire)
         fire_new = fire[:, -n_new:]
         s.fired = s.fired.to(h.device) + (fire_new & new_rho).sum(-1)
@@ -449,22 +463,31 @@ class GuardrailModule(HookedRootModule):
 
     def _clamp(self, h: Tensor, a_union: Tensor, full: Tensor | None, err: Tensor | None, where: Tensor,
                position_gate: Tensor) -> Tensor:
-        """Set the clamp latents to -c at ``where``; positions outside ``position_gate`` stay exactly h."""
+        """Set the clamp latents to -c at ``where``; positions outside ``position_gate`` stay exactly h.
+
+        Cost ~ number of clamp latents: the clamped activations are materialised for ``hook_clamped`` only when
+        something hooks it (``run_with_cache``, a user's hook); otherwise only the change (a' - a) is decoded.
+        """
         g = self.g
-        cidx = self._clamp_idx.to(h.device)
-        a_clamp = a_union[..., cidx]
+        cidx = self._indices(h.device)[1]
+        a_clamp = a_union if self._clamp_all else a_union[..., cidx]
         new = torch.where(where[..., None], torch.full_like(a_clamp, -g.c), a_clamp)
-        clamped = a_union.clone()
-        clamped[..., cidx] = new
-        clamped = self.hook_clamped(clamped)
+        if self.hook_clamped._forward_hooks:
+            if self._clamp_all:
+                clamped = new
+            else:
+                clamped = a_union.clone()
+                clamped[..., cidx] = new
+            clamped = self.hook_clamped(clamped)
+            new = clamped if self._clamp_all else clamped[..., cidx]
         if not bool(position_gate.any()):
             return h
         if g.path == "fast":
-            W_dec = g.slice.W_dec[cidx]
-            out = h + ((clamped[..., cidx] - a_clamp).to(W_dec.dtype) @ W_dec).to(h.dtype)
+            W_dec = g.slice.W_dec if self._clamp_all else g.slice.W_dec[cidx]
+            out = h + ((new - a_clamp).to(W_dec.dtype) @ W_dec).to(h.dtype)
         else:
             full = full.clone()
-            full[..., g.clamp.to(h.device)] = clamped[..., cidx]
+            full[..., (g.union_latents if self._clamp_all else g.clamp).to(h.device)] = new
             out = g.sae.decode(full) + err
         return torch.where(position_gate[..., None], out, h)
 

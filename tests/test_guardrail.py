@@ -658,3 +658,33 @@ def test_sequence_rho_and_calibrate():
     assert report.retain_fpr == pytest.approx(float((torch.stack(direct[4:6]) > tuned.tau).float().mean()))
     assert report.forget_tpr == pytest.approx(float((torch.stack(direct[6:]) > tuned.tau).float().mean()))
     assert set(rhos) == {"calibration", "heldout_retain", "forget"}
+
+
+@pytest.mark.parametrize("path", ["fast", "reference"])
+@pytest.mark.parametrize("clamp", [None, [1, 2]])
+def test_hook_on_clamped_activations_takes_effect(path, clamp):
+    """Without a hook on hook_clamped only (a' - a) is decoded; with one, the hooked (edited) activations are used.
+    Undoing the clamp in the hook gives back h exactly at the clamped positions' coordinates."""
+    sae = toy_sae()
+    out_plain, _ = toy_apply(sae, [0, 1, 2], clamp=clamp, path=path, tau=0.0)
+    g = Guardrail.from_selection(sae, torch.tensor([0, 1, 2]), tau=0.0, c=2.0, path=path,
+                                 clamp_latents=None if clamp is None else torch.tensor(clamp))
+    m = GuardrailModule(g)
+    seen = {}
+
+    def observe(x, hook):
+        seen["clamped"] = x.clone()
+        return x
+
+    m.hook_clamped.add_hook(observe)
+    with torch.no_grad():
+        out_observed = m(toy_h())[..., :4]
+    assert torch.allclose(out_observed, out_plain, atol=1e-6)  # observing changes nothing
+    assert (seen["clamped"] == -2.0).any()
+    m.hook_clamped.remove_hooks()
+    m.hook_latents.add_hook(lambda x, hook: seen.__setitem__("latents", x.clone()))
+    m.hook_clamped.add_hook(lambda x, hook: seen["latents"])  # undo the clamp
+    with torch.no_grad():
+        out_undone = m(toy_h())
+    assert torch.allclose(out_undone, toy_h(), atol=1e-6)
+    assert not torch.allclose(out_plain, toy_h()[..., :4])
