@@ -6,6 +6,7 @@ import torch
 from dsg_tl.analysis.sequential import (
     SequentialConfig,
     SequentialResult,
+    StackedGuardrails,
     merge_guardrails,
     retain_bar,
     run_sequential,
@@ -67,6 +68,26 @@ def test_merge_is_union_with_recalibrated_tau(micro_world, parts, seqs):
         pass
 
 
+def test_stacked_guardrails_apply_each_gate_in_order(micro_world, parts):
+    from dsg_tl.evaluation.mcq import evaluate_mcq
+
+    model = micro_world.model
+    items = list(micro_world.world.mcq["train_frames"]["hazard"])
+    g = parts[0].with_(tau=0.0, c=50.0)
+    never = parts[1].with_(tau=2.0)  # rho <= 1: never gates, passes h through exactly
+    alone = evaluate_mcq(model, items, guardrail=g, gate_scope="sequence")
+    stacked = evaluate_mcq(model, items, guardrail=StackedGuardrails((never, g)), gate_scope="sequence")
+    assert torch.equal(stacked.choice_scores, alone.choice_scores)
+    assert torch.equal(stacked.gated, alone.gated)  # gated = gated by any request
+    assert not any("dsg" in n for n, _ in model.named_modules())  # the stack's hook is removed on exit
+    both = evaluate_mcq(model, items, guardrail=StackedGuardrails((g, g.with_(gate_latents=torch.tensor([4, 5])))),
+                        gate_scope="sequence")
+    assert not torch.equal(both.choice_scores, alone.choice_scores)
+    assert torch.equal(evaluate_mcq(model, items).choice_scores, evaluate_mcq(model, items).choice_scores)
+    with pytest.raises(ValueError, match="one hook point"):
+        StackedGuardrails((g, g.with_(hook_name="blocks.1.hook_resid_post")))
+
+
 def test_merge_rejects_mismatched_parts(micro_world, parts, seqs):
     with pytest.raises(ValueError, match="differ in c"):
         merge_guardrails(micro_world.model, [parts[0], parts[1].with_(c=9.0)], p_dyn=95.0, **seqs)
@@ -79,16 +100,18 @@ def test_run_sequential_structure(micro_world, tmp_path):
                            baselines=("rmu",))
     dsg = DSGConfig(n_features=4, chunk_len=16, calibration_max_len=64)
     res = run_sequential(micro_world, dsg, cfg, cache_dir=None, progress=False)
-    assert set(res.stages) == {"dsg", "rmu"}
+    assert set(res.stages) == {"dsg_union", "dsg_stacked", "rmu"}
     for st in res.stages.values():
         assert len(st) == 3 and set(st[0]) == {*DOMAINS, "retain"}
-        assert st[0] == res.stages["dsg"][0]  # every method starts from the same base model
+        assert st[0] == res.stages["dsg_union"][0]  # every method starts from the same base model
+    # after one request there is nothing to combine: both compositions deploy the same guardrail
+    assert res.stages["dsg_union"][1] == res.stages["dsg_stacked"][1]
     first, second = res.latents
     assert second["deployed_gate"] == sorted(set(first["own"]) | set(second["own"]))
     assert first["deployed_gate"] == sorted(first["own"]) or set(first["deployed_gate"]) == set(first["own"])
     assert [c["request"] for c in res.costs["rmu"]] == ["hazard", "exploits"]
     d = res.to_dict()
-    assert d["drift"]["dsg"][0] == 0.0 and len(d["drift"]["rmu"]) == 3
+    assert d["drift"]["dsg_union"][0] == 0.0 and len(d["drift"]["rmu"]) == 3
     bar = retain_bar(res)
     assert bar["passes"] == (bar["final_retain"] >= 0.97 * bar["base_retain"])
     assert sequential_plot(res, cfg.requests, tmp_path / "s.png").stat().st_size > 0
@@ -97,8 +120,8 @@ def test_run_sequential_structure(micro_world, tmp_path):
 def test_retain_bar_toy():
     base = {"retain": 0.9}
     res = SequentialResult({"dsg": [base, {"retain": 0.89}, {"retain": 0.88}]}, [], [], {}, 0.0)
-    bar = retain_bar(res)
+    bar = retain_bar(res, "dsg")
     assert bar["passes"] and bar["ratio"] == pytest.approx(0.88 / 0.9)  # 0.88 >= 0.97 * 0.9 = 0.873
     assert res.drift()["dsg"] == pytest.approx([0.0, -0.01, -0.02])
     res.stages["dsg"][-1] = {"retain": 0.86}
-    assert not retain_bar(res)["passes"]
+    assert not retain_bar(res, "dsg")["passes"]

@@ -1,8 +1,14 @@
 """Sequential unlearning: several forget requests one after the other (e.g. ``hazard``, then ``exploits``).
 
 How DSG combines requests (our decision; the guardrail module allows one guardrail per hook point and raises "a
-guardrail is already attached" for a second one): each request is fitted on its own (its own statistics against the
-retain corpus, its own selection), and after request k the deployed guardrail is the MERGED UNION of requests 1..k:
+guardrail is already attached" for a second one). Each request is fitted on its own (its own statistics against the
+retain corpus, its own selection, its own tau), and the requests are combined in one of two ways, both measured:
+
+``stacked`` (:class:`StackedGuardrails`): one guardrail per request, each with its own selection and its own gate,
+applied one after the other inside ONE hook at the shared hook point (request k's guardrail reads the output of
+request k-1's). Each gate keeps its own level alpha, so the false-positive rate of the stack is at most k * alpha.
+
+``union`` (:func:`merge_guardrails`): after request k the deployed guardrail is the MERGED UNION of requests 1..k:
   gate latents  S = S_1 u ... u S_k          clamp latents  C = C_1 u ... u C_k
   rho(x)        = fraction of counted tokens of x where any latent of S fires  (>= each request's own rho(x))
   tau           = recalibrated: the p_dyn percentile of the merged rho over the retain calibration sequences
@@ -21,7 +27,8 @@ After every request each domain's accuracy is measured; ``retain`` is the pooled
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,9 +42,11 @@ from dsg_tl.config import dataclass as config_dataclass
 from dsg_tl.config import field
 from dsg_tl.evaluation.mcq import evaluate_mcq
 from dsg_tl.gate import GateReport
-from dsg_tl.guardrail import Guardrail
+from dsg_tl.guardrail import Guardrail, GuardrailModule
 from dsg_tl.pipeline import Corpora, DSGConfig, DSGFit, fit_world
 from dsg_tl.world.facts import DOMAINS, FORGET_DOMAINS, RETAIN_DOMAINS, World
+
+COMPOSITIONS: tuple[str, ...] = ("union", "stacked")
 
 
 @config_dataclass(frozen=True)
@@ -93,6 +102,61 @@ def merge_guardrails(model, guardrails: Sequence[Guardrail], *, calibration: Seq
     return merged, report
 
 
+class _StackHandle:
+    """What ``StackedGuardrails.attach`` yields: the handle interface evaluate_mcq uses (set_batch, last_gate)."""
+
+    def __init__(self, modules: list[GuardrailModule]):
+        self.modules = modules
+
+    def set_batch(self, batch) -> None:
+        for m in self.modules:
+            m.set_batch(batch)
+
+    @property
+    def last_gate(self) -> torch.Tensor | None:
+        gates = [m.last_gate for m in self.modules if m.last_gate is not None]
+        return torch.stack(gates).any(0) if gates else None  # gated by any request
+
+    @property
+    def last_rho(self) -> torch.Tensor | None:
+        rhos = [m.last_rho for m in self.modules if m.last_rho is not None]
+        return torch.stack(rhos).max(0).values if rhos else None
+
+
+@dataclass(frozen=True)
+class StackedGuardrails:
+    """Several guardrails at one hook point, applied in order in one hook: h -> g_k(...g_2(g_1(h))), each with its
+    own gate latents, tau and clamp. Attach like a Guardrail: ``with stack.attach(model) as handle: ...``."""
+
+    guardrails: tuple[Guardrail, ...]
+
+    def __post_init__(self) -> None:
+        if not self.guardrails:
+            raise ValueError("StackedGuardrails needs at least one guardrail")
+        hooks = {g.hook_name for g in self.guardrails}
+        if len(hooks) != 1:
+            raise ValueError(f"stacked guardrails must share one hook point, got {sorted(hooks)}")
+
+    @property
+    def hook_name(self) -> str:
+        return self.guardrails[0].hook_name
+
+    @contextmanager
+    def attach(self, model) -> Iterator[_StackHandle]:
+        """Hooks are removed on exit (TransformerLens ``model.hooks``), also on exceptions."""
+        if self.hook_name not in model.hook_dict:
+            raise KeyError(f"hook point {self.hook_name!r} does not exist in this model")
+        modules = [GuardrailModule(g) for g in self.guardrails]
+
+        def hook(act: torch.Tensor, hook=None) -> torch.Tensor:
+            for m in modules:
+                act = m(act)
+            return act
+
+        with model.hooks(fwd_hooks=[(self.hook_name, hook)]):
+            yield _StackHandle(modules)
+
+
 def domain_accuracies(model, world: World, split: str, *, guardrail: Guardrail | None = None,
                       retain_domains: Sequence[str] = RETAIN_DOMAINS, mode: str = "cloze", batch_size: int = 64,
                       gate_scope: str = "sequence") -> dict[str, float]:
@@ -141,7 +205,7 @@ def run_sequential(art, dsg_cfg: DSGConfig, cfg: SequentialConfig, *, cache_dir:
                                  batch_size=batch_size, gate_scope=gate_scope)
 
     base = acc(model)
-    stages: dict[str, list[dict[str, float]]] = {"dsg": [base]}
+    stages: dict[str, list[dict[str, float]]] = {f"dsg_{c}": [base] for c in COMPOSITIONS}
     stages.update({b: [base] for b in cfg.baselines})
     costs: dict[str, list[dict]] = {b: [] for b in cfg.baselines}
     fits: list[tuple[Corpora, DSGFit]] = []
@@ -163,8 +227,10 @@ def run_sequential(art, dsg_cfg: DSGConfig, cfg: SequentialConfig, *, cache_dir:
         gates.append({"request": domain, "own": fit.gate.to_dict(), "deployed": report.to_dict()})
         latents.append({"request": domain, "own": fit.selection.latents.tolist(),
                         "deployed_gate": g.gate_latents.tolist()})
-        stages["dsg"].append(acc(model, g))
-        log(f"after {domain}: dsg " + _fmt(stages["dsg"][-1]))
+        stages["dsg_union"].append(acc(model, g))
+        stages["dsg_stacked"].append(acc(model, StackedGuardrails(tuple(f.guardrail for _, f in fits))))
+        for c in COMPOSITIONS:
+            log(f"after {domain}: dsg_{c} " + _fmt(stages[f"dsg_{c}"][-1]))
         for b in cfg.baselines:
             fn, bcfg = (apply_rmu, cfg.rmu) if b == "rmu" else (apply_graddiff, cfg.graddiff)
             res = fn(edited[b], corpora.forget, corpora.retain, bcfg, progress=progress)
@@ -179,7 +245,7 @@ def _fmt(acc: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.3f}" for k, v in acc.items())
 
 
-def retain_bar(result: SequentialResult, method: str = "dsg", ratio: float = 0.97) -> dict:
+def retain_bar(result: SequentialResult, method: str = "dsg_union", ratio: float = 0.97) -> dict:
     """The issue's bar: pooled retain accuracy after the last request >= ratio x the base model's."""
     st = result.stages[method]
     return {"method": method, "base_retain": st[0]["retain"], "final_retain": st[-1]["retain"],
@@ -216,5 +282,5 @@ def sequential_plot(result: SequentialResult, requests: Sequence[str], path: str
     return path
 
 
-__all__ = ["SequentialConfig", "union_latents", "merge_guardrails", "domain_accuracies", "SequentialResult",
+__all__ = ["COMPOSITIONS", "SequentialConfig", "StackedGuardrails", "union_latents", "merge_guardrails", "domain_accuracies", "SequentialResult",
            "run_sequential", "retain_bar", "sequential_plot"]
