@@ -58,7 +58,8 @@ def main() -> None:
             for c in CONDITIONS for lr in lrs for e in range(len(curves[c][lr]["forget"]))]
     if cfg.wandb:
         log_wandb_run(out, project=cfg.wandb_project, name="relearn", group="robustness", config=config,
-                      metrics={"bar": {lr: {"below_at_every_epoch": float(b["below_at_every_epoch"])}
+                      metrics={"bar": {lr: {k: float(b[k]) for k in ("below_at_every_attack_epoch",
+                                                                      "below_at_every_epoch_incl_0")}
                                        for lr, b in bars.items()}},
                       images={"relearn": plot},
                       tables={"curves": (["condition", "lr", "epoch", "heldout_forget_acc", "retain_acc"], rows)})
@@ -71,7 +72,8 @@ def main() -> None:
             f, r = curves[c][lr]["forget"], curves[c][lr]["retain"]
             print(f"  {c:<15}" + " ".join(f"{a:.3f}({b:.3f})" for a, b in zip(f, r, strict=True)))
         b = bars[lr]
-        print(f"  bar: test-time DSG below RMU at every epoch: {b['below_at_every_epoch']}")
+        print(f"  bar: test-time DSG below RMU at every attack epoch 1..k: {b['below_at_every_attack_epoch']}; "
+              f"also before the attack (epoch 0): {b['epochs_below'][0]}")
     print(f"\nwrote {out / 'relearn.json'} and {plot}")
 
 

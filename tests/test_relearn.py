@@ -14,7 +14,6 @@ from dsg_tl.attacks.relearn import (
     attack_subset,
     attacker_documents,
     bar_check,
-    copy_model,
     fact_items,
     items_for_entities,
     lm_loss,
@@ -25,6 +24,7 @@ from dsg_tl.attacks.relearn import (
     relearn_study,
     split_entities,
 )
+from dsg_tl.baselines.common import copy_model
 from dsg_tl.config import ConfigError
 from dsg_tl.guardrail import Guardrail, GuardrailModule
 
@@ -113,18 +113,6 @@ def test_lora_layouts_by_hand():
         o.B.copy_(torch.tensor([[1.0, 10.0, 100.0]]))
     W = torch.zeros(2, 4, 3)
     assert o(W)[1, 0, 2] == 2.0 * 4 * 100  # scale alpha/r = 2, row h*4 + i = 4
-
-
-def test_copy_model_is_independent_including_mlps(micro_world):
-    m = copy_model(micro_world.model)
-    toks = m.to_tokens(["The host of Bako is"])
-    before = micro_world.model(toks)
-    with torch.no_grad():
-        m.blocks[0].mlp.W_in.mul_(0)  # a plain deepcopy's MLPs would still run the original's weights
-    assert not torch.allclose(m(toks), before)
-    assert torch.equal(micro_world.model(toks), before)
-    _, cache = m.run_with_cache(toks)
-    assert "blocks.0.mlp.hook_in" in cache  # sae-lens's extra hook point still works on the copy
 
 
 def test_lora_starts_at_the_model_and_merges(micro_world):
@@ -224,4 +212,7 @@ def test_relearn_study_structure_plot_and_bar(micro_world, guardrail, tmp_path):
 def test_bar_check_toy():
     curves = {"dsg_test_time": {"0.1": {"forget": [0.2, 0.3, 0.5]}}, "rmu": {"0.1": {"forget": [0.3, 0.4, 0.5]}}}
     r = bar_check(curves, "0.1")
-    assert r["epochs_below"] == [True, True, False] and not r["below_at_every_epoch"]
+    assert r["epochs_below"] == [True, True, False] and not r["below_at_every_attack_epoch"]
+    curves["rmu"]["0.1"]["forget"] = [0.1, 0.4, 0.6]  # weaker before the attack, stronger under it
+    r = bar_check(curves, "0.1")
+    assert r["below_at_every_attack_epoch"] and not r["below_at_every_epoch_incl_0"]

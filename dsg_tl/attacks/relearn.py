@@ -25,7 +25,6 @@ The guardrail (selection and tau) is always the one fitted before the attack; it
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import random
 import re
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
+from dsg_tl.baselines.common import check_fields, copy_model, mean_nll
 from dsg_tl.batching import pad_batch
 from dsg_tl.config import FRACTION, POSITIVE, field
 from dsg_tl.config import dataclass as config_dataclass
@@ -124,32 +124,6 @@ def items_for_entities(world: World, mcq_split: str, domain: str, entities: Sequ
     """MCQ items of ``domain`` whose fact is about one of ``entities``."""
     keep = set(entities)
     return [it for f, it in fact_items(world, mcq_split, domain) if f.entity in keep]
-
-
-# ------------------------------------------------------------------------------------------------- model copy
-
-
-def _mlp_forward_with_hook_in(mlp) -> Callable:
-    return lambda x: type(mlp).forward(mlp, mlp.hook_in(x))
-
-
-def copy_model(model):
-    """An independent deep copy of a (HookedSAE)Transformer.
-
-    ``copy.deepcopy`` alone is not enough for sae-lens's HookedSAETransformer: its constructor replaces each
-    ``mlp.forward`` by a closure over the ORIGINAL module (to add ``mlp.hook_in``), and deepcopy copies functions by
-    reference, so a plain copy's MLPs would run the original model's MLP weights (and never receive gradients).
-    Here every such instance-level forward is re-bound to the copy's own MLP.
-    """
-    new = copy.deepcopy(model)
-    for block in getattr(new, "blocks", []):
-        mlp = getattr(block, "mlp", None)
-        if mlp is not None and "forward" in vars(mlp):
-            if hasattr(mlp, "hook_in"):
-                mlp.forward = _mlp_forward_with_hook_in(mlp)
-            else:
-                del mlp.forward
-    return new
 
 
 # ------------------------------------------------------------------------------------------------- LoRA
@@ -244,8 +218,6 @@ class RelearnConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from dsg_tl.baselines.common import check_fields
-
         check_fields(self)
         if self.adapter not in ("full", "lora"):
             raise ValueError(f"adapter must be 'full' or 'lora', got {self.adapter!r}")
@@ -293,8 +265,6 @@ def attack_subset(texts: Sequence[str], cfg: RelearnConfig) -> list[str]:
 
 def lm_loss(model, tokens: Tensor, attention_mask: Tensor) -> Float[Tensor, ""]:
     """Mean next-token NLL over real target tokens: the first formula of the module docstring."""
-    from dsg_tl.baselines.common import mean_nll
-
     logits = model(tokens, attention_mask=attention_mask, return_type="logits")
     logp = logits[:, :-1].float().log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
     mask = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
@@ -312,7 +282,7 @@ def relearn(model, attack_texts: Sequence[str], cfg: RelearnConfig, guardrail=No
     t0 = time.perf_counter()
     texts = attack_subset(list(attack_texts), cfg)
     torch.manual_seed(cfg.seed)
-    m = copy_model(model)
+    m = copy_model(model)  # not copy.deepcopy: see dsg_tl.baselines.common.copy_model
     m.train()
     if cfg.adapter == "lora":
         params = add_lora(m, cfg.lora_targets, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
@@ -460,11 +430,13 @@ def relearn_study(model, guardrail, rmu_model, world: World, cfg: RelearnStudyCo
 
 
 def bar_check(curves: dict, lr: str) -> dict:
-    """The issue's bar at one learning rate: test-time DSG held-out forget accuracy below RMU's at every epoch."""
+    """The issue's bar at one learning rate: test-time DSG's held-out forget accuracy below RMU's at every epoch.
+    Reported twice: over the attack epochs 1..k, and over 0..k (epoch 0 = before the attack, where it compares the
+    two defences' own strength, not their robustness)."""
     dsg, rmu = curves["dsg_test_time"][lr]["forget"], curves["rmu"][lr]["forget"]
     below = [d < r for d, r in zip(dsg, rmu, strict=True)]
-    return {"lr": float(lr), "dsg_test_time": dsg, "rmu": rmu, "below_at_every_epoch": all(below),
-            "epochs_below": below}
+    return {"lr": float(lr), "dsg_test_time": dsg, "rmu": rmu, "epochs_below": below,
+            "below_at_every_attack_epoch": all(below[1:]), "below_at_every_epoch_incl_0": all(below)}
 
 
 def relearn_plot(curves: dict, path: str | Path, title: str = "relearning attack") -> Path:
@@ -499,7 +471,7 @@ def relearn_plot(curves: dict, path: str | Path, title: str = "relearning attack
     return path
 
 
-__all__ = ["copy_model", "EntitySplit", "split_entities", "mentioned_entities", "attacker_documents", "fact_items",
+__all__ = ["EntitySplit", "split_entities", "mentioned_entities", "attacker_documents", "fact_items",
            "items_for_entities", "LoRADelta", "add_lora", "merge_lora", "RelearnConfig", "RelearnResult",
            "attack_subset", "lm_loss", "relearn", "RelearnStudyConfig", "CONDITIONS", "study_items", "relearn_study",
            "bar_check", "relearn_plot"]
