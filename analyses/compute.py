@@ -29,7 +29,7 @@ from dsg_tl.selection import select_features
 from dsg_tl.tracking import write_results
 from dsg_tl.world.build import build_or_load_world
 
-REPEATS = 3
+REPEATS = 2
 
 
 def main() -> None:
