@@ -32,8 +32,9 @@ def _time(fn: Callable[[], object], sync: Callable[[], None]) -> float:
 
 @torch.no_grad()
 def bench_model(model, sae, latents: torch.Tensor, tokens: torch.Tensor, *, repeats: int = 20, warmup: int = 3,
-                c: float = 20.0, n_layers_full: int | None = None) -> dict:
-    """Median ms of bare / reference / fast guarded forwards on ``tokens`` (interleaved round-robin)."""
+                c: float = 20.0, n_layers_full: int | None = None, inner: int = 3, settle: bool = True) -> dict:
+    """Median ms of bare / reference / fast guarded forwards on ``tokens``: ``repeats`` interleaved round-robin rounds,
+    each timing ``inner`` consecutive forwards per setting (after one untimed forward when ``settle``)."""
     device = tokens.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     batch = pad_batch(tokens.tolist(), pad_id=-1, special_ids=[int(tokens[0, 0])])
@@ -53,13 +54,18 @@ def bench_model(model, sae, latents: torch.Tensor, tokens: torch.Tensor, *, repe
     def forward():
         model(batch.tokens, attention_mask=batch.attention_mask)
 
-    def timed(g) -> float:
-        """One forward, timed; attaching and detaching the hooks happen outside the timed region."""
+    def timed(g) -> list[float]:
+        """``inner`` forwards, each timed; attaching and detaching the hooks, and one untimed forward right after
+        attaching (first-call effects), happen outside the timed region."""
         if g is None:
-            return _time(forward, sync)
+            if settle:
+                forward()
+            return [_time(forward, sync) for _ in range(inner)]
         with g.attach(model) as h:
             h.set_batch(batch)
-            return _time(forward, sync)
+            if settle:
+                forward()
+            return [_time(forward, sync) for _ in range(inner)]
 
     runs = {"base": None, "reference": ref, "fast": fast}
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -71,11 +77,11 @@ def bench_model(model, sae, latents: torch.Tensor, tokens: torch.Tensor, *, repe
         if i % 2:
             order.reverse()
         for name, g in order:
-            times[name].append(timed(g))
+            times[name].extend(timed(g))
     med = {k: statistics.median(v) for k, v in times.items()}
     out = {"base_ms": med["base"], "reference_ms": med["reference"], "fast_ms": med["fast"],
            "reference_overhead": med["reference"] / med["base"] - 1, "fast_overhead": med["fast"] / med["base"] - 1,
-           "batch": list(tokens.shape), "repeats": repeats, "n_latents": len(latents), "d_sae": sae.cfg.d_sae,
+           "batch": list(tokens.shape), "repeats": repeats, "inner": inner, "n_latents": len(latents), "d_sae": sae.cfg.d_sae,
            "n_layers": model.cfg.n_layers, "gated_fraction": float((rho > tau).float().mean())}
     if n_layers_full:
         per_layer = med["base"] / model.cfg.n_layers
@@ -107,9 +113,12 @@ def gemma_width_model(n_layers: int, device: str = "cpu", d_vocab: int = 4096, s
 
 
 def run_bench(world_art, out_dir: str | Path, *, repeats: int = 20, seq_len: int = 128, batch: int = 4,
-              gemma_layers: int = 2, full_depth: bool = False, device: str = "cpu", n_latents: int = 20) -> dict:
+              gemma_layers: int = 2, full_depth: bool = False, device: str = "cpu", n_latents: int = 20,
+              gemma: bool = True, threads: int | None = None) -> dict:
     from dsg_tl.utils import write_json
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     results = {}
     gen = torch.Generator().manual_seed(0)
     if world_art is not None:
@@ -121,13 +130,17 @@ def run_bench(world_art, out_dir: str | Path, *, repeats: int = 20, seq_len: int
         width = min(len(s) for s in seqs)
         tokens = torch.tensor([s[:width] for s in seqs][:batch], device=device)
         latents = torch.randperm(sae.cfg.d_sae, generator=gen)[:n_latents]
-        results["world"] = bench_model(model, sae, latents, tokens, repeats=repeats)
-    layers = 26 if full_depth else gemma_layers
-    model, sae = gemma_width_model(layers, device=device)
-    tokens = torch.randint(1, model.cfg.d_vocab, (batch, seq_len), generator=gen).to(device)
-    tokens[:, 0] = 0
-    latents = torch.randperm(sae.cfg.d_sae, generator=gen)[:n_latents]
-    results["gemma2_2b_widths"] = bench_model(model, sae, latents, tokens, repeats=repeats, n_layers_full=26)
+        results["world"] = bench_model(model, sae, latents, tokens, repeats=repeats, inner=10)
+    if gemma:
+        layers = 26 if full_depth else gemma_layers
+        model, sae = gemma_width_model(layers, device=device)
+        tokens = torch.randint(1, model.cfg.d_vocab, (batch, seq_len), generator=gen).to(device)
+        tokens[:, 0] = 0
+        latents = torch.randperm(sae.cfg.d_sae, generator=gen)[:n_latents]
+        results["gemma2_2b_widths"] = bench_model(model, sae, latents, tokens, repeats=repeats, n_layers_full=26,
+                                                  inner=1, settle=False)
+    for r in results.values():
+        r["torch_threads"] = torch.get_num_threads()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "bench.json", results)

@@ -214,7 +214,8 @@ def cmd_bench(args) -> None:
     cfg = load_demo_config(args)
     art = None if args.skip_world else build_or_load_world(cfg.world, args.cache)
     res = run_bench(art, args.out, repeats=args.repeats, seq_len=args.seq_len, batch=args.batch,
-                    gemma_layers=args.gemma_layers, full_depth=args.full_depth, device=args.device)
+                    gemma_layers=args.gemma_layers, full_depth=args.full_depth, device=args.device,
+                    gemma=not args.skip_gemma, threads=args.threads)
     for name, r in res.items():
         line = (f"{name:<18} base {r['base_ms']:8.2f} ms  reference {r['reference_ms']:8.2f} ms "
                 f"({100 * r['reference_overhead']:+.1f}%)  fast {r['fast_ms']:8.2f} ms ({100 * r['fast_overhead']:+.1f}%)")
@@ -324,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--full-depth", action="store_true", help="all 26 Gemma-2-2B layers (for a GPU)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--skip-world", action="store_true", help="only the Gemma-width setting")
+    b.add_argument("--skip-gemma", action="store_true", help="only the world setting")
+    b.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 gives stable timings on a shared machine")
     b.set_defaults(func=cmd_bench)
     dr = sub.add_parser("doctor", help="check the (model, SAE, layer) triple: FVE, CE increase, norms vs c")
     _common(dr)
