@@ -19,6 +19,7 @@ from pathlib import Path
 from dsg_tl.attacks.evasion import EvasionConfig, EvasionReport, calibrated_variants, run_evasion
 from dsg_tl.cli import analysis_args, world_fit
 from dsg_tl.config import to_dict
+from dsg_tl.plotting import pyplot, save_figure
 from dsg_tl.tracking import log_wandb_run, write_results
 
 
@@ -39,10 +40,7 @@ def own_args() -> argparse.Namespace:
 
 
 def dilution_plot(report: EvasionReport, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     forget = report.outcomes["forget"]
     names = [a.name for a in report.attacks if a.kind == "dilution"]
@@ -64,10 +62,7 @@ def dilution_plot(report: EvasionReport, path: Path) -> Path:
         ax.set_title(title)
         ax.set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def table_rows(report: EvasionReport) -> tuple[list[str], list[list]]:

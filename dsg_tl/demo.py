@@ -13,6 +13,7 @@ from dsg_tl.config import POSITIVE, config_hash, dataclass, field, save_config, 
 from dsg_tl.evaluation.domains import GROUPS, domain_groups, evaluate_groups, summarize
 from dsg_tl.evaluation.mcq import evaluate_mcq
 from dsg_tl.pipeline import DSGConfig, DSGFit, fit_world, method_guardrails
+from dsg_tl.plotting import pyplot, save_figure
 from dsg_tl.selection import select_features
 from dsg_tl.utils import write_json
 from dsg_tl.world.build import WorldConfig, build_or_load_world, default_cache_dir
@@ -112,10 +113,7 @@ def sweep_points(model, sae, fit: DSGFit, corpora, groups, cfg: DemoConfig, prog
 
 
 def pareto_plot(points: list[dict], methods: dict, path: Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
     ns = sorted({p["n_features"] for p in points})
@@ -133,10 +131,7 @@ def pareto_plot(points: list[dict], methods: dict, path: Path, title: str) -> Pa
     ax.set_ylabel("forget accuracy (lower is better)")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def format_table(methods: dict, splits: list[str]) -> str:

@@ -30,6 +30,7 @@ import torch
 from dsg_tl.config import ConfigError, config_hash, field, override, save_config, to_dict
 from dsg_tl.config import dataclass as config_dataclass
 from dsg_tl.demo import DemoConfig
+from dsg_tl.plotting import pyplot
 from dsg_tl.utils import atomic_dir
 
 # Axis name -> dotted key in DemoConfig. Order = nesting order of the grid (c innermost, so a fit is reused).
@@ -285,10 +286,7 @@ def sensitivity(records: list[dict], axis: str, metric: str) -> list[dict]:
 
 
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     return plt
 

@@ -83,3 +83,25 @@ def test_zero_shot_path(micro_world, setup, tmp_path):
     assert by_tau[0.0]["gate_fpr"] >= by_tau[zs["calibrated"]["tau"]]["gate_fpr"]
     sweep = [{"n_docs": 5, "forget": 0.5, "retain": 0.9, "adjacent": 0.8, "overlap_with_full": 1.0, "gate_tpr": 0.4}]
     assert data_efficiency_plot(sweep, zs, base, tmp_path / "d.png").stat().st_size > 0
+
+
+def test_size_sweep_skips_a_corpus_too_small_for_one_chunk(micro_world, setup, monkeypatch):
+    """A point whose documents give no statistics chunk is left out with a warning, not a crash; other errors raise."""
+    import dsg_tl.analysis.data_efficiency as de
+
+    dsg, corpora, full, groups = setup
+    real = de.fit_dsg
+
+    def fake(model, sae, corp, cfg, **kw):
+        if len(corp.forget) == 1:
+            raise ValueError("forget: the corpus produced no content tokens")
+        return real(model, sae, corp, cfg, **kw)
+
+    monkeypatch.setattr(de, "fit_dsg", fake)
+    cfg = DataEfficiencyConfig(fractions=(1.0,), n_docs=(1,))
+    with pytest.warns(UserWarning, match="skipped '1 docs'"):
+        rows = size_sweep(micro_world, corpora, full, dsg, cfg, groups, cache_dir=None, eval_kw={})
+    assert [r["point"] for r in rows] == ["fraction 1"]
+    monkeypatch.setattr(de, "fit_dsg", lambda *a, **k: (_ for _ in ()).throw(ValueError("something else")))
+    with pytest.raises(ValueError, match="something else"):
+        size_sweep(micro_world, corpora, full, dsg, cfg, groups, cache_dir=None, eval_kw={})

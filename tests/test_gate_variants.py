@@ -11,7 +11,14 @@ import torch
 from _tiny import PAD, SPECIAL
 
 from dsg_tl.batching import pad_batch
-from dsg_tl.calibrate import _windows, calibrate, sequence_fire, sequence_gate_stats, sequence_rho, stats_from_fire
+from dsg_tl.calibrate import (
+    _windows,
+    calibrate,
+    sequence_fire,
+    sequence_gate_stats,
+    sequence_rho,
+    stats_from_fire,
+)
 from dsg_tl.gate import (
     GateSpec,
     calibrate_hybrid,

@@ -19,6 +19,7 @@ entity and stating no fact about one.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +33,7 @@ from dsg_tl.config import dataclass as config_dataclass
 from dsg_tl.evaluation.domains import evaluate_groups, summarize
 from dsg_tl.guardrail import Guardrail
 from dsg_tl.pipeline import Corpora, DSGConfig, DSGFit, fit_dsg
+from dsg_tl.plotting import pyplot, save_figure
 from dsg_tl.selection import select_features
 from dsg_tl.stats import LatentStats, accumulate_stats
 
@@ -50,7 +52,7 @@ ZERO_SHOT_PROMPTS: tuple[str, ...] = (
 @config_dataclass(frozen=True)
 class DataEfficiencyConfig:
     fractions: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1, 0.05)
-    n_docs: tuple[int, ...] = (1, 3, 10)  # absolute forget-document counts (below the smallest fraction)
+    n_docs: tuple[int, ...] = (3, 10)  # absolute forget-document counts (below the smallest fraction)
     zero_shot_prompts: tuple[str, ...] = ZERO_SHOT_PROMPTS
     zero_shot_taus: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5)
     zero_shot_n_features: int | None = field(default=None, metadata=POSITIVE)  # None: DSGConfig.n_features
@@ -97,8 +99,14 @@ def size_sweep(art, corpora: Corpora, full: DSGFit, dsg_cfg: DSGConfig, cfg: Dat
     rows = []
     for label, dcfg, corp in points:
         t0 = time.perf_counter()
-        fit = fit_dsg(art.model, art.sae, corp, dcfg, cache_dir=cache_dir, model_id=art.model_id, progress=False)
         n = max(1, int(len(corp.forget) * dcfg.forget_fraction))
+        try:
+            fit = fit_dsg(art.model, art.sae, corp, dcfg, cache_dir=cache_dir, model_id=art.model_id, progress=False)
+        except ValueError as e:  # too little text for one statistics chunk: nothing to select from
+            if "no content tokens" not in str(e):
+                raise
+            warnings.warn(f"data efficiency: skipped {label!r} ({n} documents): {e}", stacklevel=2)
+            continue
         row = {"point": label, "n_docs": n, "fraction_of_corpus": n / n_all, "n_tokens": fit.forget_stats.n_tokens,
                "overlap_with_full": overlap(fit.selection.latents, full.selection.latents), "tau": fit.gate.tau,
                "gate_fpr": fit.gate.retain_fpr, "gate_tpr": fit.gate.forget_tpr,
@@ -141,10 +149,7 @@ def zero_shot(art, corpora: Corpora, full: DSGFit, dsg_cfg: DSGConfig, cfg: Data
 
 def data_efficiency_plot(sweep: list[dict], zs: dict, base: dict, path: str | Path) -> Path:
     """Left: accuracy and selection overlap vs forget documents used (log x). Right: zero-shot rows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
     xs = [r["n_docs"] for r in sweep]
@@ -169,12 +174,7 @@ def data_efficiency_plot(sweep: list[dict], zs: dict, base: dict, path: str | Pa
     bx.set_ylim(0, 1.02)
     bx.set_title(f"zero-shot from {len(zs['prompts'])} prompts (overlap with full {zs['overlap_with_full']:.2f})")
     bx.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["ZERO_SHOT_PROMPTS", "DataEfficiencyConfig", "overlap", "prompt_stats", "size_sweep", "zero_shot",

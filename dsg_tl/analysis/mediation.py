@@ -29,6 +29,7 @@ from torch import Tensor
 
 from dsg_tl.batching import TokenBatch, pad_batch
 from dsg_tl.guardrail import Guardrail
+from dsg_tl.plotting import pyplot, save_figure
 from dsg_tl.selection import frequency_matched_random, select_features, top_by_score
 from dsg_tl.stats import LatentStats
 
@@ -268,10 +269,7 @@ def attribution_vs_ablation(model, sae, guardrail: Guardrail, texts_forget: Sequ
 
 def mediation_plot(rows: Sequence[Mapping], path: str | Path) -> Path:
     """Grouped bars of the joint-ablation change in forget and retain loss per selection method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -287,10 +285,7 @@ def mediation_plot(rows: Sequence[Mapping], path: str | Path) -> Path:
     ax.set_ylabel("change in mean next-token loss (nats)")
     ax.set_title("Joint ablation of each selection")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["ablation_effects", "ablation_guardrail", "compare_selections", "frequency_selection",

@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Float, Real
 from torch import Tensor
 
+from dsg_tl.plotting import pyplot, save_figure
 from dsg_tl.selection import percentile
 
 __all__ = [
@@ -352,20 +353,11 @@ def likelihood_ratio_check(neg: Real[Tensor, " n_neg"], pos: Real[Tensor, " n_po
 # ----------------------------------------------------------------------------------------------------------- plots
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def rho_histogram_plot(rhos: Mapping[str, Tensor], tau: float, path: str | Path, title: str = "") -> Path:
     """Overlaid density histograms of rho per set (shared bins over [min(0, .), max(1, .)]) and a line at tau."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plt = _pyplot()
+    plt = pyplot()
     vals = {k: _scores(v, k) for k, v in rhos.items()}
     if not vals:
         raise ValueError("no rho sets to plot")
@@ -381,10 +373,7 @@ def rho_histogram_plot(rhos: Mapping[str, Tensor], tau: float, path: str | Path,
     if title:
         ax.set_title(title)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def roc_plot(curves: Mapping[str, tuple[Tensor, Tensor, float]], alpha: float, path: str | Path,
@@ -392,7 +381,7 @@ def roc_plot(curves: Mapping[str, tuple[Tensor, Tensor, float]], alpha: float, p
     """ROC curves {label: (fpr, tpr, auc)}, the chance diagonal and a vertical line at FPR = alpha."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.8, 4.5))
     for name, (fpr, tpr, area) in curves.items():
         ax.plot(torch.as_tensor(fpr).numpy(), torch.as_tensor(tpr).numpy(), lw=1.5,
@@ -405,10 +394,7 @@ def roc_plot(curves: Mapping[str, tuple[Tensor, Tensor, float]], alpha: float, p
     ax.set_ylabel("true-positive rate (forget gated)")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------------------- summary

@@ -44,6 +44,7 @@ from dsg_tl.evaluation.mcq import evaluate_mcq
 from dsg_tl.gate import GateReport
 from dsg_tl.guardrail import Guardrail, GuardrailModule
 from dsg_tl.pipeline import Corpora, DSGConfig, DSGFit, fit_world
+from dsg_tl.plotting import pyplot, save_figure
 from dsg_tl.world.facts import DOMAINS, FORGET_DOMAINS, RETAIN_DOMAINS, World
 
 COMPOSITIONS: tuple[str, ...] = ("union", "stacked")
@@ -254,10 +255,7 @@ def retain_bar(result: SequentialResult, method: str = "dsg_union", ratio: float
 
 def sequential_plot(result: SequentialResult, requests: Sequence[str], path: str | Path) -> Path:
     """One panel per method: each domain's accuracy after 0..k requests."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     methods = list(result.stages)
     fig, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods), 3.8), squeeze=False, sharey=True)
@@ -274,12 +272,7 @@ def sequential_plot(result: SequentialResult, requests: Sequence[str], path: str
     axes[0][0].set_ylabel("MCQ accuracy")
     axes[0][-1].legend(fontsize=7, loc="lower left")
     fig.suptitle("sequential unlearning: accuracy after each request")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["COMPOSITIONS", "SequentialConfig", "StackedGuardrails", "union_latents", "merge_guardrails", "domain_accuracies", "SequentialResult",

@@ -19,6 +19,7 @@ from pathlib import Path
 from dsg_tl.data.types import MCQItem
 from dsg_tl.evaluation.mcq import evaluate_mcq
 from dsg_tl.guardrail import Guardrail
+from dsg_tl.plotting import pyplot, save_figure
 
 
 def _split(res) -> dict:
@@ -70,10 +71,7 @@ def clamp_scan(model, groups: Mapping[str, Sequence[MCQItem]], guardrails: Mappi
 
 def clamp_scan_plot(scan: dict, path: str | Path, title: str = "") -> Path:
     """Forget and retain accuracy vs c, one line per guardrail."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     methods = list(dict.fromkeys(r["method"] for r in scan["rows"]))
@@ -97,12 +95,7 @@ def clamp_scan_plot(scan: dict, path: str | Path, title: str = "") -> Path:
         ax.set_title(f"{group}")
         ax.legend(fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["clamp_scan", "clamp_scan_plot"]

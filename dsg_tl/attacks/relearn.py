@@ -40,11 +40,12 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from dsg_tl.baselines.common import check_fields, copy_model, mean_nll
+from dsg_tl.baselines.common import check_fields, copy_model, mean_nll, optimizer_step
 from dsg_tl.batching import pad_batch
 from dsg_tl.config import FRACTION, POSITIVE, field
 from dsg_tl.config import dataclass as config_dataclass
 from dsg_tl.data.types import MCQItem
+from dsg_tl.plotting import pyplot, save_figure
 from dsg_tl.world.facts import Fact, World
 
 Adapter = Literal["full", "lora"]
@@ -323,13 +324,7 @@ def relearn(model, attack_texts: Sequence[str], cfg: RelearnConfig, guardrail=No
                 if handle is not None:
                     handle.set_batch(batch)
                 loss = lm_loss(m, batch.tokens, batch.attention_mask)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"relearn: loss became {loss.item()}; lower lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
+                optimizer_step(loss, opt, params, cfg.grad_clip, "relearn")
                 total += float(loss.detach()) * len(idx)
                 count += len(idx)
                 if handle is not None and handle.last_gate is not None:
@@ -441,10 +436,7 @@ def bar_check(curves: dict, lr: str) -> dict:
 
 def relearn_plot(curves: dict, path: str | Path, title: str = "relearning attack") -> Path:
     """Held-out forget accuracy (solid) and retain accuracy (dotted) vs epoch, one panel per learning rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     lrs = list(next(iter(curves.values())).keys())
     fig, axes = plt.subplots(1, len(lrs), figsize=(5.2 * len(lrs), 4), squeeze=False, sharey=True)
@@ -463,12 +455,7 @@ def relearn_plot(curves: dict, path: str | Path, title: str = "relearning attack
     axes[0][0].set_ylabel("MCQ accuracy")
     axes[0][-1].legend(fontsize=7, loc="lower right")
     fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["EntitySplit", "split_entities", "mentioned_entities", "attacker_documents", "fact_items",

@@ -244,6 +244,26 @@ def editable_copy(model, trainable: Callable[[str], bool] | None = None):
     return new
 
 
+def optimizer_step(loss: Tensor, opt: torch.optim.Optimizer, params: Sequence[Tensor], grad_clip: float | None,
+                   where: str) -> None:
+    """Backward, optional grad-norm clip, step; a non-finite loss is an error naming ``where``."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{where}: loss became {loss.item()}; lower lr")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
+def forget_retain_streams(tokenizer, forget_texts: Sequence[str], retain_texts: Sequence[str], cfg: TrainConfig):
+    """Seed everything from ``cfg.seed``; endless shuffled batch streams of forget and retain token chunks."""
+    gen = seed_all(cfg.seed)
+    forget = batch_stream(token_chunks(tokenizer, forget_texts, cfg.chunk_len, cfg.max_chunks), cfg.batch_size, gen)
+    retain = batch_stream(token_chunks(tokenizer, retain_texts, cfg.chunk_len, cfg.max_chunks), cfg.batch_size, gen)
+    return forget, retain
+
+
 def train_loop(model, step_loss: Callable[[int], tuple[Tensor, dict[str, float]]], cfg: TrainConfig, desc: str,
                progress: bool = True) -> tuple[list[float], dict[str, list[float]]]:
     """``cfg.steps`` AdamW steps (weight decay 0, grad-norm clip) on ``step_loss(step) -> (loss, terms)``.
@@ -257,13 +277,7 @@ def train_loop(model, step_loss: Callable[[int], tuple[Tensor, dict[str, float]]
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress)
     for step in bar:
         loss, parts = step_loss(step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}; lower lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        optimizer_step(loss, opt, params, cfg.grad_clip, f"{desc} step {step}")
         losses.append(float(loss.detach()))
         for k, v in parts.items():
             terms.setdefault(k, []).append(float(v))

@@ -22,15 +22,13 @@ from torch import Tensor
 from dsg_tl.baselines.common import (
     TrainConfig,
     UnlearnResult,
-    batch_stream,
     editable_copy,
+    forget_retain_streams,
     mean_nll,
     measure,
     model_device,
-    seed_all,
     sequence_logprob,
     target_mask,
-    token_chunks,
     token_logprobs,
     train_loop,
 )
@@ -67,9 +65,7 @@ def apply_npo(model, forget_texts: Sequence[str], retain_texts: Sequence[str], c
     tok = model.tokenizer
     device = model_device(model)
     with measure(device) as cost:
-        gen = seed_all(cfg.seed)
-        forget = batch_stream(token_chunks(tok, forget_texts, cfg.chunk_len, cfg.max_chunks), cfg.batch_size, gen)
-        retain = batch_stream(token_chunks(tok, retain_texts, cfg.chunk_len, cfg.max_chunks), cfg.batch_size, gen)
+        forget, retain = forget_retain_streams(tok, forget_texts, retain_texts, cfg)
         new = editable_copy(model)
 
         def step_loss(_step: int):

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dsg_tl.baselines.common import measure
+from dsg_tl.plotting import pyplot, save_figure
 
 
 def best_under_retain(points: Sequence[dict], base_retain: float, ratio: float = 0.98) -> dict | None:
@@ -31,10 +32,7 @@ def pareto_front(points: Sequence[dict]) -> list[dict]:
 def methods_plot(sweeps: dict[str, Sequence[dict]], base: dict, path: Path, title: str, ratio: float = 0.98) -> Path:
     """Forget vs retain accuracy of every sweep point of every method (Pareto front joined), the base model, and the
     retain floor ``ratio * base retain``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,10 +53,7 @@ def methods_plot(sweeps: dict[str, Sequence[dict]], base: dict, path: Path, titl
     ax.set_ylabel("forget accuracy (lower is better)")
     ax.set_title(title)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def measure_phase(fn: Callable[[], object], repeats: int = 1, device: str = "cpu") -> dict:

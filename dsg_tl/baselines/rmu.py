@@ -23,13 +23,11 @@ from torch import Tensor
 from dsg_tl.baselines.common import (
     TrainConfig,
     UnlearnResult,
-    batch_stream,
     content_mask,
     editable_copy,
+    forget_retain_streams,
     measure,
     model_device,
-    seed_all,
-    token_chunks,
     train_loop,
 )
 from dsg_tl.config import NON_NEGATIVE, POSITIVE, ConfigError, field
@@ -122,9 +120,7 @@ def apply_rmu(model, forget_texts: Sequence[str], retain_texts: Sequence[str], c
     tok = model.tokenizer
     device = model_device(model)
     with measure(device) as cost:
-        gen = seed_all(cfg.seed)
-        forget = batch_stream(token_chunks(tok, forget_texts, cfg.chunk_len, cfg.max_chunks), cfg.batch_size, gen)
-        retain = batch_stream(token_chunks(tok, retain_texts, cfg.chunk_len, cfg.max_chunks), cfg.batch_size, gen)
+        forget, retain = forget_retain_streams(tok, forget_texts, retain_texts, cfg)
         names = {f"blocks.{i}.mlp.{p}" for i in cfg.layers_updated for p in cfg.mlp_params}
         new = editable_copy(model, lambda n: n in names)
         control = (cfg.steering_coeff * random_direction(model.cfg.d_model, cfg.seed)).to(device)
