@@ -13,7 +13,7 @@ from dsg_tl.config import POSITIVE, config_hash, dataclass, field, save_config, 
 from dsg_tl.evaluation.domains import GROUPS, domain_groups, evaluate_groups, summarize
 from dsg_tl.evaluation.mcq import evaluate_mcq
 from dsg_tl.pipeline import DSGConfig, DSGFit, fit_world, method_guardrails
-from dsg_tl.plotting import pyplot, save_figure
+from dsg_tl.plotting import forget_retain_axes, pyplot, save_figure
 from dsg_tl.selection import select_features
 from dsg_tl.utils import write_json
 from dsg_tl.world.build import WorldConfig, build_or_load_world, default_cache_dir
@@ -126,11 +126,7 @@ def pareto_plot(points: list[dict], methods: dict, path: Path, title: str) -> Pa
     markers = {"base": "k*", "static": "rs", "random_control": "gx", "dsg": "b^"}
     for name, acc in methods.items():
         ax.plot(acc["retain"], acc["forget"], markers.get(name, "m+"), markersize=10, label=name)
-    ax.axhline(0.25, color="grey", ls=":", lw=1, label="chance")
-    ax.set_xlabel("retain accuracy (higher is better)")
-    ax.set_ylabel("forget accuracy (lower is better)")
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="best")
+    forget_retain_axes(ax, title)
     return save_figure(fig, path)
 
 

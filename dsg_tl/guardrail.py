@@ -469,10 +469,13 @@ class GuardrailModule(HookedRootModule):
         something hooks it (``run_with_cache``, a user's hook); otherwise only the change (a' - a) is decoded.
         """
         g = self.g
+        hooked = bool(self.hook_clamped._forward_hooks)
+        if not hooked and not bool(position_gate.any()):
+            return h  # nothing gated and nobody looks at the clamped activations
         cidx = self._indices(h.device)[1]
         a_clamp = a_union if self._clamp_all else a_union[..., cidx]
         new = torch.where(where[..., None], torch.full_like(a_clamp, -g.c), a_clamp)
-        if self.hook_clamped._forward_hooks:
+        if hooked:
             if self._clamp_all:
                 clamped = new
             else:

@@ -15,6 +15,15 @@ def pyplot():
     return plt
 
 
+def forget_retain_axes(ax, title: str, chance: float = 0.25) -> None:
+    """The frame of a forget-vs-retain (Pareto) plot: chance line, axis labels, title, legend."""
+    ax.axhline(chance, color="grey", ls=":", lw=1, label="chance")
+    ax.set_xlabel("retain accuracy (higher is better)")
+    ax.set_ylabel("forget accuracy (lower is better)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="best")
+
+
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Lay out, write and close ``fig``; returns the path written."""
     import matplotlib.pyplot as plt
@@ -27,4 +36,4 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     return path
 
 
-__all__ = ["pyplot", "save_figure"]
+__all__ = ["forget_retain_axes", "pyplot", "save_figure"]

@@ -73,6 +73,12 @@ class UnlearnResult:
     terms: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     memory: dict[str, Any] = dataclasses.field(default_factory=dict)
 
+    @classmethod
+    def of(cls, model, cost: dict, losses: list[float], terms: dict[str, list[float]], config: Any) -> UnlearnResult:
+        """The result of a training phase: the trained copy (in eval mode) and the ``measure`` record ``cost``."""
+        return cls(model=model.eval(), wall_s=cost["wall_s"], peak_mem_mb=cost["peak_mem_mb"], losses=losses,
+                   config=config, terms=terms, memory=cost)
+
     def summary(self) -> dict:
         return {"wall_s": self.wall_s, "peak_mem_mb": self.peak_mem_mb, "steps": len(self.losses),
                 "loss_first": self.losses[0] if self.losses else None,

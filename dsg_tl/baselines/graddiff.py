@@ -70,8 +70,7 @@ def apply_graddiff(model, forget_texts: Sequence[str], retain_texts: Sequence[st
                                                                                  "retain_nll": nr.item()}
 
         losses, terms = train_loop(new, step_loss, cfg, desc="GradDiff", progress=progress)
-    return UnlearnResult(model=new.eval(), wall_s=cost["wall_s"], peak_mem_mb=cost["peak_mem_mb"], losses=losses,
-                         config=cfg, terms=terms, memory=cost)
+    return UnlearnResult.of(new, cost, losses, terms, cfg)
 
 
 __all__ = ["GradDiffConfig", "apply_graddiff", "graddiff_loss", "PAPER_GRADDIFF", "PAPER_GRID", "WORLD_GRADDIFF",

@@ -79,8 +79,7 @@ def apply_npo(model, forget_texts: Sequence[str], retain_texts: Sequence[str], c
             return cfg.forget_weight * lf + cfg.retain_weight * nr, {"npo": lf.item(), "retain_nll": nr.item()}
 
         losses, terms = train_loop(new, step_loss, cfg, desc="NPO", progress=progress)
-    return UnlearnResult(model=new.eval(), wall_s=cost["wall_s"], peak_mem_mb=cost["peak_mem_mb"], losses=losses,
-                         config=cfg, terms=terms, memory=cost)
+    return UnlearnResult.of(new, cost, losses, terms, cfg)
 
 
 __all__ = ["NPOConfig", "apply_npo", "npo_loss", "PAPER_NPO", "PAPER_GRID", "WORLD_NPO", "WORLD_GRID"]

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dsg_tl.baselines.common import measure
-from dsg_tl.plotting import pyplot, save_figure
+from dsg_tl.plotting import forget_retain_axes, pyplot, save_figure
 
 
 def best_under_retain(points: Sequence[dict], base_retain: float, ratio: float = 0.98) -> dict | None:
@@ -48,11 +48,7 @@ def methods_plot(sweeps: dict[str, Sequence[dict]], base: dict, path: Path, titl
                 lw=1.2)
     ax.plot(base["retain"], base["forget"], "k*", markersize=14, label="base")
     ax.axvline(ratio * base["retain"], color="grey", ls="--", lw=1, label=f"retain = {ratio:g} x base")
-    ax.axhline(0.25, color="grey", ls=":", lw=1, label="chance")
-    ax.set_xlabel("retain accuracy (higher is better)")
-    ax.set_ylabel("forget accuracy (lower is better)")
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="best")
+    forget_retain_axes(ax, title)
     return save_figure(fig, path)
 
 

@@ -135,8 +135,7 @@ def apply_rmu(model, forget_texts: Sequence[str], retain_texts: Sequence[str], c
             return total, {"forget": lf.item(), "retain": lr.item()}
 
         losses, terms = train_loop(new, step_loss, cfg, desc=f"RMU L{cfg.layer}", progress=progress)
-    return UnlearnResult(model=new.eval(), wall_s=cost["wall_s"], peak_mem_mb=cost["peak_mem_mb"], losses=losses,
-                         config=cfg, terms=terms, memory=cost)
+    return UnlearnResult.of(new, cost, losses, terms, cfg)
 
 
 __all__ = ["RMUConfig", "apply_rmu", "rmu_loss", "masked_mse", "random_direction", "PAPER_RMU", "PAPER_GRID",
