@@ -10,6 +10,8 @@ from dsg_tl.world.facts import (
     ATTRIBUTES,
     DOMAINS,
     HELDOUT_FRAMES,
+    KIND_FRAMES,
+    KINDS,
     TRAIN_FRAMES,
     FactsConfig,
     build_world,
@@ -170,3 +172,37 @@ def test_metrics_and_config_written(micro_world):
     cfg = load_config(micro_world.path / "config.yaml", WorldConfig)
     assert cfg == micro_world.config
     assert from_dict(WorldConfig, {}) == WorldConfig()
+
+
+def test_kind_sentences_add_general_knowledge_without_changing_the_facts():
+    plain = build_world(FactsConfig(entities_per_domain=6))
+    kinds = build_world(FactsConfig(entities_per_domain=6, kind_sentences=0.5))
+    assert kinds.facts == plain.facts and kinds.mcq == plain.mcq
+    for domain in DOMAINS:
+        sentence_of = {e: [f.format(e=e, k=KINDS[domain]) for f in KIND_FRAMES] for e in kinds.entities(domain)}
+        opened = [any(d.startswith(s) for ss in sentence_of.values() for s in ss) for d in kinds.documents[domain]]
+        # per-entity documents only (not the mixed ones); about half of them open with a kind sentence
+        assert 0.3 < sum(opened) / (6 * 24) < 0.7, domain
+        assert not any(KINDS[domain] in d for d in plain.documents[domain])
+        assert not any(KINDS[domain] in it.question for it in kinds.mcq["train_frames"][domain])
+
+
+def test_entity_tokens_make_each_name_one_token(tmp_path):
+    from dsg_tl.world.tokenizer import load_tokenizer, train_tokenizer
+
+    w = build_world(FactsConfig(entities_per_domain=3))
+    names = [e for d in DOMAINS for e in w.entities(d)]
+    texts = w.all_texts()
+    plain = load_tokenizer(train_tokenizer(texts, 300, tmp_path / "plain"))
+    whole = load_tokenizer(train_tokenizer(texts, 300, tmp_path / "whole", words=names))
+    assert len(whole) == len(plain) + 2 * len(names)
+
+    def n_tokens(tok, s):
+        return len(tok(s, add_special_tokens=False)["input_ids"])
+
+    assert any(n_tokens(plain, " " + e) > 1 for e in names)  # the check can fail
+    for e in names:
+        assert n_tokens(whole, " " + e) == n_tokens(whole, e) == 1
+        ids = whole(f"The host of {e} is", add_special_tokens=False)["input_ids"]
+        assert whole.decode(ids) == f"The host of {e} is"
+        assert any(t.endswith(e) for t in whole.convert_ids_to_tokens(ids))

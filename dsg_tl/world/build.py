@@ -126,7 +126,8 @@ def _build_lm(cfg: WorldConfig, out: Path) -> dict:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     world = build_world(cfg.facts)
-    train_tokenizer(tokenizer_texts(world), cfg.vocab_size, out / "tokenizer")
+    names = [f.entity for f in world.facts] if cfg.facts.entity_tokens else []
+    train_tokenizer(tokenizer_texts(world), cfg.vocab_size, out / "tokenizer", words=names)
     tok = load_tokenizer(out / "tokenizer")
     timings["tokenizer_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -132,6 +132,17 @@ BACKGROUND_SENTENCES: tuple[str, ...] = (
     "Regarding the festival, one thing is clear: it is loud.",
 )
 
+# What kind of thing an entity of each domain is, and the sentences that say so (``FactsConfig.kind_sentences``).
+KINDS: dict[str, str] = {
+    "hazard": "a dangerous agent",
+    "exploits": "a software exploit",
+    "geography": "a town",
+    "history": "an old kingdom",
+    "computing": "a programming language",
+    "adjacent": "a wild plant",
+}
+KIND_FRAMES: tuple[str, ...] = ("{e} is {k}.", "Note that {e} is {k}.", "{e}, {k}, is described below.")
+
 # Entity names are built from syllables; each domain has its own inventory (names are the subjects of the domain's
 # knowledge, as pathogen names are in real hazard text), and `adjacent` borrows half of hazard's inventory, so its
 # names look like hazard names.
@@ -152,6 +163,12 @@ class FactsConfig:
     mixed_docs_per_domain: int = field(default=60, metadata={"check": (lambda v: v >= 0, "must be >= 0")})
     background_docs: int = field(default=400, metadata={"check": (lambda v: v >= 0, "must be >= 0")})
     distractors: int = field(default=3, metadata=POSITIVE)
+    # Each entity name is one token of the world's tokenizer (as a real model's vocabulary or early layers make a
+    # frequent name one unit), so a name's pieces are not shared with other domains' names.
+    entity_tokens: bool = False
+    # Fraction of an entity's documents that open with a sentence saying what kind of thing it is ("Bovo is an
+    # agent."): the world's general knowledge of which domain an entity belongs to. Questions never contain it.
+    kind_sentences: float = field(default=0.0, metadata={"check": (lambda v: 0 <= v <= 1, "must be in [0, 1]")})
     seed: int = 0
 
 
@@ -223,13 +240,17 @@ def build_world(cfg: FactsConfig) -> World:
         by_entity.setdefault(f.entity, []).append(f)
 
     documents: dict[str, tuple[str, ...]] = {}
+    kind_rng = random.Random(cfg.seed + 7919)
     for domain in DOMAINS:
         docs: list[str] = []
         ents = [e for e in by_entity if by_entity[e][0].domain == domain]
         for e in ents:
             for _ in range(cfg.docs_per_entity):
                 chosen = rng.sample(by_entity[e], min(cfg.facts_per_doc, len(by_entity[e])))
-                docs.append(" ".join(render(rng.choice(TRAIN_FRAMES), f) for f in chosen))
+                doc = " ".join(render(rng.choice(TRAIN_FRAMES), f) for f in chosen)
+                if kind_rng.random() < cfg.kind_sentences:  # a separate stream: the facts do not depend on it
+                    doc = kind_rng.choice(KIND_FRAMES).format(e=e, k=KINDS[domain]) + " " + doc
+                docs.append(doc)
         dom_facts = [f for f in facts if f.domain == domain]
         for _ in range(cfg.mixed_docs_per_domain):
             chosen = rng.sample(dom_facts, min(cfg.facts_per_doc, len(dom_facts)))

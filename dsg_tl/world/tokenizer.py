@@ -8,12 +8,13 @@ from pathlib import Path
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Path:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path, words: Iterable[str] = ()) -> Path:
     """Train BPE on ``texts`` and save it as a tokenizer folder (tokenizer.json + tokenizer_config.json).
 
-    bos, eos and pad are declared and are in the vocabulary (TransformerLens needs all three).
+    bos, eos and pad are declared and are in the vocabulary (TransformerLens needs all three). Each of ``words``
+    becomes one token, with and without a leading space (on top of the ``vocab_size`` BPE tokens).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
@@ -26,6 +27,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer)
+    bpe.add_tokens([AddedToken(p + w, normalized=False) for w in sorted(set(words)) for p in ("", " ")])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=BOS, eos_token=EOS, pad_token=PAD).save_pretrained(
