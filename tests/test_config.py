@@ -227,3 +227,16 @@ def test_missing_required_key_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(path, HasRequired)
     assert str(path) in str(info.value) and "'req.name'" in str(info.value)
+
+
+def test_demo_configs_load_and_the_world_variant_differs_only_in_its_world():
+    from dsg_tl.demo import DemoConfig
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    base = load_config(configs / "demo.yaml", DemoConfig)
+    variant = load_config(configs / "world_entity_tokens.yaml", DemoConfig)
+    assert base == DemoConfig()  # the demo file states the built-in defaults
+    assert variant.dsg == base.dsg and variant.eval == base.eval
+    f = variant.world.facts
+    assert (f.entity_tokens, f.kind_sentences, f.entities_per_domain, f.docs_per_entity) == (True, 0.5, 10, 72)
+    assert (variant.world.sae.architecture, variant.world.sae.layer) == ("topk", 0)
