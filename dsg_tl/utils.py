@@ -35,6 +35,23 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def deterministic_torch() -> Iterator[None]:
+    """Deterministic torch kernels inside the block (restored after).
+
+    Multithreaded CPU training is otherwise not reproducible run to run: two builds of the same world differed in
+    their weights by up to 1.6e-3. The deterministic kernels cost about 3% of training time.
+    """
+    import torch
+
+    prev, prev_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

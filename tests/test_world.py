@@ -206,3 +206,32 @@ def test_entity_tokens_make_each_name_one_token(tmp_path):
         ids = whole(f"The host of {e} is", add_special_tokens=False)["input_ids"]
         assert whole.decode(ids) == f"The host of {e} is"
         assert any(t.endswith(e) for t in whole.convert_ids_to_tokens(ids))
+
+
+def test_builds_train_with_deterministic_kernels_and_restore_the_setting(micro_world_config, tmp_path, monkeypatch):
+    import torch
+
+    import dsg_tl.world.build as build
+
+    seen = []
+    real_lm, real_sae = build.train_language_model, build.train_sae
+
+    def lm(*a, **k):
+        seen.append(("lm", torch.are_deterministic_algorithms_enabled()))
+        return real_lm(*a, **k)
+
+    def sae(*a, **k):
+        seen.append(("sae", torch.are_deterministic_algorithms_enabled()))
+        return real_sae(*a, **k)
+
+    monkeypatch.setattr(build, "train_language_model", lm)
+    monkeypatch.setattr(build, "train_sae", sae)
+    assert not torch.are_deterministic_algorithms_enabled()
+    art = build_or_load_world(micro_world_config, tmp_path)
+    assert seen == [("lm", True), ("sae", True)]
+    assert not torch.are_deterministic_algorithms_enabled()
+    # and the build is reproducible: a second build of the same config has the same weights, bit for bit
+    again = build_or_load_world(micro_world_config, tmp_path / "again")
+    assert (art.path / "model/model.safetensors").read_bytes() == (again.path / "model/model.safetensors").read_bytes()
+    weights = "sae_weights.safetensors"
+    assert (art.sae_path / weights).read_bytes() == (again.sae_path / weights).read_bytes()

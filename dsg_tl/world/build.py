@@ -19,7 +19,7 @@ import torch
 
 from dsg_tl.config import config_hash, field, save_config, to_dict
 from dsg_tl.config import dataclass as config_dataclass
-from dsg_tl.utils import atomic_dir, file_sha256, versions, write_json
+from dsg_tl.utils import atomic_dir, deterministic_torch, file_sha256, versions, write_json
 from dsg_tl.world.facts import GENERATOR_VERSION, FactsConfig, World, build_world
 from dsg_tl.world.tokenizer import load_tokenizer, train_tokenizer
 from dsg_tl.world.train import (
@@ -199,7 +199,7 @@ def _ensure(directory: Path, build, rebuild: bool) -> None:
     if directory.exists():
         return
     t0 = time.perf_counter()
-    with atomic_dir(directory) as tmp:
+    with atomic_dir(directory) as tmp, deterministic_torch():  # a build is reproducible bit for bit
         metrics = build(tmp)
         metrics["timings_s"]["build_total_s"] = time.perf_counter() - t0
         metrics["versions"] = versions()
