@@ -1,7 +1,7 @@
 """Clamp strength vs specificity on the world: DSG, the random-latent control, static clamping of the selected and of
-random latents, over a range of c; gate TPR and the forget accuracy the gate allows with a perfect clamp; and how well any single latent, and the
-selection's union, separates the forget domain's entity-name tokens from the other domains' (`--skip-separability`
-to leave that out).
+random latents, over a range of c; gate TPR and the forget accuracy the gate allows with a perfect clamp; and how
+well any single latent, and the selection's union, separates the forget domain's entity-name tokens from the other
+domains' (`--skip-separability` to leave that out).
 
     python analyses/specificity.py [--config configs/demo.yaml] [--out runs/specificity] [--cs 2.5 5 10 20]
 """

@@ -21,7 +21,9 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from dsg_tl.batching import pad_batch
 from dsg_tl.data.types import MCQItem
+from dsg_tl.stats import sae_input
 
 
 def entity_mask(tokenizer, question: str, entity: str) -> tuple[list[int], Bool[Tensor, " seq"]]:
@@ -45,7 +47,6 @@ def entity_firing(model, sae, hook_name: str, items: Mapping[str, Sequence[MCQIt
                   entities: Mapping[str, Sequence[str]], selected: Tensor | None = None) -> dict[str, dict]:
     """Per domain: each latent's firing rate at entity tokens and at the other real tokens (BOS excluded), and, for
     ``selected``, the fraction of entity / other tokens at which any selected latent fires."""
-    layer = int(hook_name.split(".")[1])
     out = {}
     for domain, qs in items.items():
         fire_ent = torch.zeros(sae.cfg.d_sae)
@@ -53,8 +54,8 @@ def entity_firing(model, sae, hook_name: str, items: Mapping[str, Sequence[MCQIt
         any_ent = any_oth = n_ent = n_oth = 0
         for it in qs:
             ids, ent = entity_mask(model.tokenizer, it.question, _entity_of(it.question, entities[domain]))
-            _, cache = model.run_with_cache(torch.tensor([ids]), names_filter=hook_name, stop_at_layer=layer + 1)
-            fired: Bool[Tensor, "seq d_sae"] = sae.encode(cache[hook_name][0]) > 0
+            h = sae_input(model, pad_batch([ids], model.tokenizer.pad_token_id), hook_name)
+            fired: Bool[Tensor, "seq d_sae"] = sae.encode(h[0]) > 0
             other = ~ent
             other[0] = False  # BOS
             fire_ent += fired[ent].float().sum(0)
